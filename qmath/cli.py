@@ -1,0 +1,67 @@
+"""The LightningCLI behind ``python -m qmath``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+PACKAGE_CONFIGS = Path(__file__).parent / "configs"  # in an installed wheel
+SOURCE_CONFIGS = Path(__file__).parents[1] / "configs"  # in a source checkout or editable install
+
+
+def config_dirs() -> list[Path]:
+    return [d for d in (PACKAGE_CONFIGS, SOURCE_CONFIGS) if d.is_dir()]
+
+
+def resolve_config(value: str) -> str:
+    """A config path as given, or a bare name (``t4x2``, ``t4x2.yaml``) looked up in the shipped ``configs/``."""
+    if Path(value).exists() or "/" in value or "\\" in value:
+        return value
+    names = [value] if value.endswith((".yaml", ".yml")) else [f"{value}.yaml", value]
+    for directory in config_dirs():
+        for name in names:
+            if (directory / name).is_file():
+                return str(directory / name)
+    shipped = sorted(p.name for d in config_dirs() for p in d.glob("*.yaml"))
+    raise SystemExit(f"--config {value}: no such file, and no shipped config of that name. Shipped: {shipped}")
+
+
+SUBCOMMANDS = ("fit", "validate")
+DEFAULT_CONFIG = "cpu.yaml"
+
+
+def resolve_args(args: list[str]) -> list[str]:
+    """Resolve each ``--config`` value; a subcommand given no ``--config`` runs the embedded default, ``cpu.yaml``."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + resolve_config(arg.split("=", 1)[1])
+    if out and out[0] in SUBCOMMANDS and not any(a == "--config" or a.startswith("--config=") for a in out):
+        out[1:1] = ["--config", resolve_config(DEFAULT_CONFIG)]
+    return out
+
+
+class QMathCLI(LightningCLI):
+    """LightningCLI with the tokenizer linked to the model, and the batch meaning printed at start."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
+        # torch's AdamW default of 1e-3 wrecks a pretrained LM; start from a fine-tuning rate.
+        parser.set_defaults({"model.optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-6}}})
+
+    def before_fit(self) -> None:
+        trainer, model, data = self.trainer, self.model, self.datamodule
+        g, prompts = model.hparams.num_generations, data.hparams.batch_size
+        per_device = prompts * g
+        world = trainer.world_size
+        accumulate = trainer.accumulate_grad_batches
+        if trainer.is_global_zero:
+            print(
+                f"qmath: {prompts} prompt(s) x {g} generations = {per_device} completions per device per step; "
+                f"x {world} device(s) x {accumulate} accumulated batch(es) = {per_device * world * accumulate} "
+                "completions per optimizer step",
+                flush=True,
+            )

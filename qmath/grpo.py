@@ -1,0 +1,111 @@
+"""GRPO math as pure tensor functions: advantages, per-token log-probs, the clipped surrogate and the k3 KL.
+
+Shapes: ``B`` completions, ``T`` completion tokens, ``V`` vocabulary. ``mask`` is 1 on completion tokens up to and
+including the first EOS and 0 after it (padding). Nothing here knows about models or Lightning.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> tuple[Tensor, Tensor]:
+    """Group-relative advantages ``(r - mean_g) / (std_g + eps)`` and each completion's group std.
+
+    ``rewards`` holds ``B = n_groups * group_size`` values, the ``group_size`` completions of one prompt adjacent.
+    The std is the unbiased one, as in DeepSeekMath and TRL.
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.view(-1, group_size)
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, keepdim=True)
+    advantages = (grouped - mean) / (std + eps)
+    return advantages.flatten(), std.expand_as(grouped).flatten()
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor, chunk_size: int = 4) -> Tensor:
+    """``log_softmax(logits)[..., index]`` without materialising a second ``[B, T, V]`` tensor.
+
+    Works ``chunk_size`` rows at a time: ``logit[index] - logsumexp(logits)`` per row.
+    """
+    out = []
+    for rows, ids in zip(logits.split(chunk_size), index.split(chunk_size)):
+        picked = rows.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        out.append(picked - torch.logsumexp(rows, dim=-1))
+    return torch.cat(out)
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``values`` over positions where ``mask`` is 1; 0 where a row has no such position."""
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """Per-token k3 estimator of KL(π‖π_ref): ``exp(ref - logp) - (ref - logp) - 1`` (Schulman), always ≥ 0."""
+    delta = ref_logps - logps
+    return torch.exp(delta) - delta - 1
+
+
+def clipped_surrogate(
+    logps: Tensor, old_logps: Tensor, advantages: Tensor, epsilon: float, epsilon_high: float | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO's clipped objective per token, and where the clip bit from below and from above.
+
+    Returns ``(surrogate [B, T], low_clipped [B, T] bool, high_clipped [B, T] bool)``, where
+    ``surrogate = min(ρ A, clip(ρ, 1 - ε, 1 + ε_high) A)`` and ``ρ = exp(logp - old_logp)``.
+    """
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages.unsqueeze(-1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * adv
+    low = (ratio < 1 - epsilon) & (adv < 0)
+    high = (ratio > 1 + epsilon_high) & (adv > 0)
+    return torch.min(unclipped, clipped), low, high
+
+
+def grpo_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logps: Tensor | None = None,
+    beta: float = 0.0,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The GRPO loss: ``-(surrogate - β·KL)`` per token, averaged over each sequence's tokens, then over sequences.
+
+    Returns the scalar loss and detached statistics: ``kl`` (token mean), ``clip_ratio/low_mean``,
+    ``clip_ratio/high_mean`` and ``clip_ratio/region_mean`` (fractions of completion tokens).
+    """
+    surrogate, low, high = clipped_surrogate(logps, old_logps, advantages, epsilon, epsilon_high)
+    per_token = -surrogate
+    stats = {}
+    if ref_logps is not None and beta != 0.0:
+        kl = k3_kl(logps, ref_logps)
+        per_token = per_token + beta * kl
+        stats["kl"] = masked_mean(kl.detach(), mask)
+    loss = masked_mean(per_token, mask, dim=1).mean()
+    stats["clip_ratio/low_mean"] = masked_mean(low.float(), mask)
+    stats["clip_ratio/high_mean"] = masked_mean(high.float(), mask)
+    stats["clip_ratio/region_mean"] = masked_mean((low | high).float(), mask)
+    return loss, stats
+
+
+def completion_mask(completion_ids: Tensor, eos_token_ids: Tensor | list[int]) -> tuple[Tensor, Tensor]:
+    """Mask of real completion tokens (up to and including the first EOS) and which rows ended with an EOS.
+
+    Everything after the first EOS is padding, whatever ``generate`` wrote there.
+    """
+    eos_ids = torch.as_tensor(eos_token_ids, device=completion_ids.device)
+    is_eos = torch.isin(completion_ids, eos_ids)
+    terminated = is_eos.any(dim=1)
+    first_eos = torch.where(terminated, is_eos.int().argmax(dim=1), completion_ids.size(1))
+    positions = torch.arange(completion_ids.size(1), device=completion_ids.device)
+    return (positions.unsqueeze(0) <= first_eos.unsqueeze(1)).long(), terminated

@@ -1,0 +1,99 @@
+"""The GRPO math on hand-made tensors; every expected number is worked out here by hand."""
+
+import math
+
+import pytest
+import torch
+
+from qmath.grpo import (
+    clipped_surrogate,
+    completion_mask,
+    group_advantages,
+    grpo_loss,
+    k3_kl,
+    masked_mean,
+    selective_log_softmax,
+)
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 3.0, 2.0, 2.0, 2.0])  # two groups of three
+    adv, std = group_advantages(rewards, group_size=3)
+    # group 1: mean 4/3; unbiased var = ((1/3)^2 + (4/3)^2 + (5/3)^2) / 2 = 7/3
+    s = math.sqrt(7 / 3)
+    expected = torch.tensor([(1 - 4 / 3) / (s + 1e-4), (0 - 4 / 3) / (s + 1e-4), (3 - 4 / 3) / (s + 1e-4), 0, 0, 0])
+    torch.testing.assert_close(adv, expected)
+    torch.testing.assert_close(std, torch.tensor([s, s, s, 0.0, 0.0, 0.0]))
+
+
+def test_group_advantages_rejects_a_broken_group():
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages(torch.zeros(6), group_size=4)
+
+
+def test_selective_log_softmax_matches_log_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 7, 11)
+    index = torch.randint(0, 11, (5, 7))
+    expected = torch.log_softmax(logits, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(selective_log_softmax(logits, index, chunk_size=2), expected)
+
+
+def test_completion_mask_stops_after_first_eos():
+    ids = torch.tensor([[5, 6, 2, 9, 2], [5, 6, 7, 8, 9], [2, 2, 2, 2, 2]])
+    mask, terminated = completion_mask(ids, [2])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert terminated.tolist() == [True, False, True]
+    mask, _ = completion_mask(ids, [2, 7])  # several EOS ids
+    assert mask[1].tolist() == [1, 1, 1, 0, 0]
+
+
+def test_k3_kl_by_hand():
+    logp, ref = torch.tensor([math.log(0.5), math.log(0.2)]), torch.tensor([math.log(0.25), math.log(0.2)])
+    # delta = ln(0.25/0.5) = -ln 2: exp(-ln 2) + ln 2 - 1 = 0.5 + 0.6931 - 1
+    torch.testing.assert_close(k3_kl(logp, ref), torch.tensor([0.5 + math.log(2) - 1, 0.0]))
+
+
+def test_clipped_surrogate_by_hand():
+    old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.7]]))  # ratios 1.5, 0.5, 1.1, 0.7
+    sur, low, high = clipped_surrogate(logp, old, torch.tensor([2.0]), epsilon=0.2)
+    # A > 0: min(rA, clip(r)A) -> 1.2*2 (clipped), 0.5*2, 1.1*2, 0.7*2
+    torch.testing.assert_close(sur, torch.tensor([[2.4, 1.0, 2.2, 1.4]]))
+    assert high.tolist() == [[True, False, False, False]] and not low.any()
+    sur, low, high = clipped_surrogate(logp, old, torch.tensor([-1.0]), epsilon=0.2, epsilon_high=0.28)
+    # A < 0: min(-r, -clip(r)) -> -1.5, -0.8 (clipped), -1.1, -0.8 (clipped)
+    torch.testing.assert_close(sur, torch.tensor([[-1.5, -0.8, -1.1, -0.8]]))
+    assert low.tolist() == [[False, True, False, True]] and not high.any()
+
+
+def test_grpo_loss_by_hand_with_padding_and_kl():
+    # Two sequences of lengths 3 and 1 (the rest padding), ratio 1, advantages +1 and -0.5.
+    logp = torch.log(torch.tensor([[0.5, 0.5, 0.5, 0.9], [0.25, 0.3, 0.3, 0.3]]))
+    ref = torch.log(torch.tensor([[0.25, 0.5, 0.5, 0.1], [0.25, 0.9, 0.9, 0.9]]))
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    adv = torch.tensor([1.0, -0.5])
+    loss, stats = grpo_loss(logp, logp.detach(), adv, mask, ref, beta=0.1, epsilon=0.2)
+    kl_first = 0.5 + math.log(2) - 1  # the one token where ref differs inside the mask
+    seq1 = (-1.0 * 3 + 0.1 * kl_first) / 3  # -(A) per token + beta*kl, mean over 3 tokens
+    seq2 = 0.5  # -(-0.5) on its one token, kl 0
+    assert loss.item() == pytest.approx((seq1 + seq2) / 2, abs=1e-6)
+    assert stats["kl"].item() == pytest.approx(kl_first / 4, abs=1e-6)
+    assert stats["clip_ratio/region_mean"].item() == 0.0
+
+
+def test_grpo_loss_gradient_is_minus_advantage_times_grad_logp():
+    # With ratio 1 and beta 0, d loss / d logp_t = -A_i / (B * n_i) on real tokens, 0 on padding.
+    logp = torch.log(torch.tensor([[0.5, 0.4, 0.3], [0.2, 0.6, 0.1]])).requires_grad_()
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    adv = torch.tensor([2.0, -1.0])
+    loss, _ = grpo_loss(logp, logp.detach(), adv, mask, beta=0.0)
+    loss.backward()
+    expected = torch.tensor([[-2.0 / 4, -2.0 / 4, 0.0], [1.0 / 6, 1.0 / 6, 1.0 / 6]])
+    torch.testing.assert_close(logp.grad, expected)
+
+
+def test_masked_mean_empty_rows_are_zero():
+    values = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert masked_mean(values, torch.tensor([[1, 0], [0, 0]]), dim=1).tolist() == [1.0, 0.0]
+    assert masked_mean(values, torch.tensor([[1, 1], [1, 0]])).item() == pytest.approx(2.0)
