@@ -16,7 +16,7 @@ from lightning import LightningDataModule
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from qmath.models import EMBEDDED_MODEL, load_tokenizer
-from qmath.rewards import SYSTEM_PROMPT, extract_hash_answer
+from qmath.rewards import SYSTEM_PROMPT, extract_hash_answer, parse_number
 from qmath.synthetic import make_splits
 
 log = logging.getLogger(__name__)
@@ -210,4 +210,6 @@ def _parse_row(row: dict[str, Any], line: int, source: str) -> dict[str, Any]:
     truth = extract_hash_answer(row["answer"])
     if truth is None:
         raise DataError(f"{source}: row {line}: the answer has no '#### <number>' line")
+    if parse_number(truth) is None:
+        raise DataError(f"{source}: row {line}: the ground truth after '####' is not a number: {truth!r}")
     return {"question": row["question"], "answer": truth}

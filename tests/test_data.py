@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qmath.data import FEW_SHOT, GSM8K, DataError, _parse_row
+from qmath.rewards import extract_hash_answer, parse_number, strict_format_reward
+from qmath.synthetic import TEMPLATES, make_splits, problems
+from tests.conftest import SHARED_GSM8K
+
+
+def test_synthetic_is_seeded_disjoint_and_well_formed():
+    train, val = make_splits(300, 50, seed=3)
+    assert (train, val) == make_splits(300, 50, seed=3)
+    assert make_splits(300, 50, seed=4)[0] != train
+    assert not {r["question"] for r in val} & {r["question"] for r in train}
+    for row in train + val:
+        truth = extract_hash_answer(row["answer"])
+        assert truth is not None and parse_number(truth) == int(truth)
+        # every step line is a true equation
+        for line in row["answer"].splitlines()[:-1]:
+            left, right = line.split(" = ")
+            assert eval(left.replace("/", "//")) == int(right), line  # noqa: S307 - our own arithmetic text
+
+
+def test_synthetic_covers_every_template_and_step_count():
+    rows = [row for row, _ in zip(problems(0), range(2000))]
+    steps = {len(row["answer"].splitlines()) - 1 for row in rows}
+    assert steps == set(TEMPLATES)
+    assert len({row["question"].split()[1] for row in rows}) > 5  # several templates, not one
+
+
+def test_few_shot_examples_are_in_the_strict_format():
+    assert strict_format_reward([s["response"] for s in FEW_SHOT]) == [0.5] * len(FEW_SHOT)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_local_jsonl_prompts_render_with_template_and_prefix(tiny_model, tmp_path):
+    rows = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1:,}"} for i in range(998, 1018)]
+    data = GSM8K(path=str(write_jsonl(tmp_path / "p.jsonl", rows)), tokenizer_name_or_path=str(tiny_model),
+                 val_fraction=0.25, max_prompt_length=4096, batch_size=2)
+    data.setup("fit")
+    assert len(data.train_rows) == 15 and len(data.val_rows) == 5
+    assert {r["question"] for r in data.train_rows}.isdisjoint({r["question"] for r in data.val_rows})
+    assert "1000" in {r["answer"] for r in data.train_rows + data.val_rows}  # "1,000" parsed as 1000
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 2 and batch["attention_mask"][:, -1].all()  # left padded
+    text = data.tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
+    assert text.startswith("<|im_start|>system\nRespond in the following format")
+    assert FEW_SHOT[0]["question"] in text and text.endswith("<|im_start|>assistant\n<reasoning>\n")
+    assert batch["prefix"] == ["<reasoning>\n"] * 2
+
+
+def test_long_prompts_are_dropped_and_counted(tiny_model, tmp_path, caplog):
+    rows = [{"question": "Short?", "answer": "#### 1"}, {"question": "long " * 400 + "?", "answer": "#### 2"}]
+    data = GSM8K(path=str(write_jsonl(tmp_path / "p.jsonl", rows)), val_path=str(write_jsonl(tmp_path / "v.jsonl",
+                 rows[:1])), tokenizer_name_or_path=str(tiny_model), num_few_shot=0, max_prompt_length=200)
+    data.setup("fit")
+    assert [r["answer"] for r in data.train_rows] == ["1"]
+    assert "Dropped 1 of 2 train prompts longer than data.max_prompt_length=200" in caplog.text
+    too_short = GSM8K(path=str(tmp_path / "p.jsonl"), tokenizer_name_or_path=str(tiny_model), max_prompt_length=5)
+    with pytest.raises(DataError, match="every train prompt is longer than data.max_prompt_length=5"):
+        too_short.setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [({"question": "q"}, "row 7 has no text column 'answer'"),
+     ({"question": "q", "answer": "no marker"}, r"row 7: the answer has no '#### <number>' line"),
+     ({"prompt": "q", "answer": "#### 1"}, "row 7 has no text column 'question'"),
+     ({"question": "q", "answer": "#### twelve"}, "row 7: the ground truth after '####' is not a number")],
+)
+def test_bad_rows_name_the_line(row, message):
+    with pytest.raises(DataError, match=message):
+        _parse_row(row, 7, "x.jsonl")
+
+
+def test_missing_file_and_wrong_suffix(tiny_model, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        GSM8K(path=str(tmp_path / "nope.jsonl"), tokenizer_name_or_path=str(tiny_model)).setup("fit")
+    (tmp_path / "data.csv").write_text("question,answer\n")
+    with pytest.raises(DataError, match="neither JSONL, JSON nor Parquet"):
+        GSM8K(path=str(tmp_path / "data.csv"), tokenizer_name_or_path=str(tiny_model)).setup("fit")
+
+
+@pytest.mark.skipif(not SHARED_GSM8K.is_dir(), reason="the shared GSM8K copy is only on the project's machines")
+def test_real_gsm8k_files(tiny_model):
+    data = GSM8K(path=str(SHARED_GSM8K / "train.jsonl"), val_path=str(SHARED_GSM8K / "test.jsonl"), num_val=None,
+                 tokenizer_name_or_path=str(tiny_model), max_prompt_length=100_000)
+    data.setup("fit")
+    assert (len(data.train_rows), len(data.val_rows)) == (7473, 1319)
+    assert data.train_rows[0]["answer"] == "72"  # Natalia's clips
+    assert all(parse_number(r["answer"]) is not None for r in data.train_rows + data.val_rows)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["question", "answer", "other"]),
+                       st.one_of(st.none(), st.integers(), st.text(max_size=30),
+                                 st.text(max_size=10).map(lambda t: t + "#### " + t))))
+def test_row_parser_accepts_or_explains(row):
+    try:
+        parsed = _parse_row(row, 1, "fuzz.jsonl")
+    except DataError as error:
+        assert "fuzz.jsonl: row 1" in str(error)
+    else:
+        assert set(parsed) == {"question", "answer"} and isinstance(parsed["answer"], str)

