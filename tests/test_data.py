@@ -111,3 +111,23 @@ def test_row_parser_accepts_or_explains(row):
         assert "fuzz.jsonl: row 1" in str(error)
     else:
         assert set(parsed) == {"question", "answer"} and isinstance(parsed["answer"], str)
+
+
+def test_hub_path_reads_the_named_config_and_splits(tiny_model, monkeypatch):
+    import datasets
+
+    calls = []
+    rows = {split: [{"question": f"{split} {i}?", "answer": f"#### {i}"} for i in range(n)]
+            for split, n in (("train", 6), ("test", 3))}
+
+    def fake_load_dataset(path, name=None, **kwargs):
+        calls.append((path, name))
+        return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in rows.items()})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = GSM8K(path="openai/gsm8k", name="main", num_val=None, tokenizer_name_or_path=str(tiny_model),
+                 max_prompt_length=4096)
+    data.setup("fit")
+    assert calls == [("openai/gsm8k", "main")]
+    assert [r["question"] for r in data.train_rows] == [f"train {i}?" for i in range(6)]
+    assert [r["answer"] for r in data.val_rows] == ["0", "1", "2"]
