@@ -25,13 +25,16 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> tup
     return advantages.flatten(), std.expand_as(grouped).flatten()
 
 
-def selective_log_softmax(logits: Tensor, index: Tensor, chunk_size: int = 4) -> Tensor:
-    """``log_softmax(logits)[..., index]`` without materialising a second ``[B, T, V]`` tensor.
+def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.0, chunk_size: int = 4) -> Tensor:
+    """``log_softmax(logits / temperature)[..., index]`` without materialising a second ``[B, T, V]`` tensor.
 
-    Works ``chunk_size`` rows at a time: ``logit[index] - logsumexp(logits)`` per row.
+    Works ``chunk_size`` rows at a time: ``logit[index] - logsumexp(logits)`` per row, so a scaled copy of the
+    logits exists for one chunk at a time only.
     """
     out = []
     for rows, ids in zip(logits.split(chunk_size), index.split(chunk_size)):
+        if temperature != 1.0:
+            rows = rows / temperature
         picked = rows.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
         out.append(picked - torch.logsumexp(rows, dim=-1))
     return torch.cat(out)

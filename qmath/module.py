@@ -226,7 +226,7 @@ class GRPO(LightningModule):
         width = rollout["completion_ids"].size(1)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
-        return selective_log_softmax(logits / self.hparams.temperature, rollout["completion_ids"])
+        return selective_log_softmax(logits, rollout["completion_ids"], self.hparams.temperature)
 
     def loss(self, rollout: dict[str, Any], advantages: Tensor) -> Tensor:
         logps = self.token_logps(self.policy, rollout)

@@ -37,6 +37,8 @@ def test_selective_log_softmax_matches_log_softmax():
     index = torch.randint(0, 11, (5, 7))
     expected = torch.log_softmax(logits, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(selective_log_softmax(logits, index, chunk_size=2), expected)
+    scaled = torch.log_softmax(logits / 0.7, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(selective_log_softmax(logits, index, temperature=0.7, chunk_size=3), scaled)
 
 
 def test_completion_mask_stops_after_first_eos():
