@@ -195,7 +195,8 @@ class FunctionReward(Reward):
         super().__init__(name or function.__name__.removesuffix("_reward").removesuffix("_func"), weight)
 
     def __call__(self, completions: Sequence[str], **columns: Any) -> list[float]:
-        return self.function(completions, **columns)
+        # By keyword, as TRL calls rewards, so functions written for TRL's signature order work unchanged.
+        return self.function(completions=completions, **columns)
 
 
 def _import(path: str) -> Callable[..., list[float]]:
