@@ -89,10 +89,10 @@ def test_score_names_the_failing_reward_and_a_sample():
     with pytest.raises(RewardError, match=r"'boom'.*KeyError.*\n.*hello"):
         score([FunctionReward(boom)], ["hello"], {})
     with pytest.raises(RewardError, match="returned 1 values for 2"):
-        score([FunctionReward(lambda c, **_: [1.0], name="short")], ["a", "b"], {})
+        score([FunctionReward(lambda completions, **_: [1.0], name="short")], ["a", "b"], {})
     for bad in (float("nan"), float("inf"), None, "1"):
         with pytest.raises(RewardError, match="returned"):
-            score([FunctionReward(lambda c, bad=bad, **_: [bad], name="bad")], ["a"], {})
+            score([FunctionReward(lambda completions, bad=bad, **_: [bad], name="bad")], ["a"], {})
 
 
 def test_function_reward_from_import_path():
