@@ -81,7 +81,7 @@ class GSM8K(LightningDataModule):
         val_fraction: float = 0.05,
         num_train: int = 5000,
         num_val: int | None = 200,
-        batch_size: int = 2,
+        batch_size: int = 1,
         max_prompt_length: int = 256,
         system_prompt: str = SYSTEM_PROMPT,
         num_few_shot: int = 1,

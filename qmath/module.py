@@ -68,9 +68,9 @@ class GRPO(LightningModule):
     def __init__(
         self,
         model_name_or_path: str = EMBEDDED_MODEL,
-        num_generations: int = 4,
-        max_completion_length: int = 128,
-        temperature: float = 0.9,
+        num_generations: int = 8,
+        max_completion_length: int = 96,
+        temperature: float = 0.5,
         top_p: float = 1.0,
         top_k: int | None = None,
         beta: float = 0.04,

@@ -81,3 +81,17 @@ def test_unknown_key_is_reported(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--model.num_generaitons", "4"])
     assert "num_generaitons" in capsys.readouterr().err
+
+
+def test_code_defaults_match_the_embedded_config(in_tmp):
+    """`--help` shows the signatures' defaults; they must be what `python -m qmath fit` (cpu.yaml) runs."""
+    bare = QMathCLI(GRPO, GSM8K, args=[], run=False)
+    cpu = yaml.safe_load(Path(resolve_config("cpu.yaml")).read_text())
+    for section, obj in (("model", bare.model), ("data", bare.datamodule)):
+        for key, value in cpu[section].items():
+            if key in obj.hparams:
+                assert obj.hparams[key] == value, f"{section}.{key}: code default {obj.hparams[key]!r} != {value!r}"
+    optimizer = bare.model.optimizer([torch.nn.Parameter(torch.zeros(1))])
+    expected = cpu["model"]["optimizer"]["init_args"]
+    assert optimizer.defaults["lr"] == expected["lr"] and list(optimizer.defaults["betas"]) == expected["betas"]
+    assert optimizer.defaults["weight_decay"] == expected["weight_decay"]
