@@ -55,6 +55,8 @@ class GSM8K(LightningDataModule):
             ``val_fraction`` of it.
         val_fraction: the share of a local file held out for validation when ``val_path`` is not given.
         num_train: how many synthetic training problems to generate.
+        difficulty: weights of 1-, 2- and 3-step problems in the synthetic training set. The synthetic held-out set
+            always uses the default mix (0.5, 0.4, 0.1), so its accuracies compare across runs.
         num_val: how many held-out problems to keep (synthetic: generate; others: the first ``num_val`` of the
             held-out split, or all of it when ``None``).
         batch_size: prompts per device per step. Each prompt is sampled ``model.num_generations`` times, so a device
@@ -80,6 +82,7 @@ class GSM8K(LightningDataModule):
         val_path: str | None = None,
         val_fraction: float = 0.05,
         num_train: int = 5000,
+        difficulty: tuple[float, float, float] = (0.5, 0.4, 0.1),
         num_val: int | None = 200,
         batch_size: int = 1,
         max_prompt_length: int = 256,
@@ -95,6 +98,8 @@ class GSM8K(LightningDataModule):
             raise ValueError(f"data.batch_size must be at least 1 prompt per device, got {batch_size}")
         if max_prompt_length < 1:
             raise ValueError(f"data.max_prompt_length must be positive, got {max_prompt_length}")
+        if len(difficulty) != 3 or min(difficulty) < 0 or sum(difficulty) <= 0:
+            raise ValueError(f"data.difficulty must be 3 non-negative weights, not all 0, got {difficulty}")
         if not 0 <= num_few_shot <= len(FEW_SHOT):
             raise ValueError(f"data.num_few_shot must be between 0 and {len(FEW_SHOT)}, got {num_few_shot}")
         self.save_hyperparameters()
@@ -107,7 +112,7 @@ class GSM8K(LightningDataModule):
         """Raw ``{"question", "answer"}`` rows for training and validation, before tokenisation."""
         hp = self.hparams
         if hp.path == "synthetic":
-            return make_splits(hp.num_train, hp.num_val or 0, hp.seed)
+            return make_splits(hp.num_train, hp.num_val or 0, hp.seed, tuple(hp.difficulty))
         suffix = Path(hp.path).suffix.lower()
         if suffix in LOCAL_FORMATS or Path(hp.path).exists():
             train = _read_file(hp.path)

@@ -113,20 +113,27 @@ def problems(seed: int, steps_weights: tuple[float, ...] = (0.5, 0.4, 0.1)) -> I
         yield {"question": question, "answer": "\n".join(lines) + f"\n#### {answer}"}
 
 
+DEFAULT_MIX = (0.5, 0.4, 0.1)
+
+
 def make_splits(
-    num_train: int, num_val: int, seed: int, steps_weights: tuple[float, ...] = (0.5, 0.4, 0.1)
+    num_train: int, num_val: int, seed: int, train_mix: tuple[float, ...] = DEFAULT_MIX
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """Disjoint train and held-out sets: no held-out question appears, word for word, in the train set."""
+    """Disjoint train and held-out sets: no held-out question appears, word for word, in the train set.
+
+    ``train_mix`` weighs 1-, 2- and 3-step problems in the training set only. The held-out set always uses
+    :data:`DEFAULT_MIX`, so that accuracies stay comparable between runs with different training mixes.
+    """
     val: list[dict[str, str]] = []
     seen: set[str] = set()
-    for row in problems(seed + 1_000_003, steps_weights):
+    for row in problems(seed + 1_000_003, DEFAULT_MIX):
         if len(val) == num_val:
             break
         if row["question"] not in seen:
             seen.add(row["question"])
             val.append(row)
     train = []
-    for row in problems(seed, steps_weights):
+    for row in problems(seed, train_mix):
         if len(train) == num_train:
             break
         if row["question"] not in seen:

@@ -26,6 +26,16 @@ def test_synthetic_is_seeded_disjoint_and_well_formed():
             assert eval(left.replace("/", "//")) == int(right), line  # noqa: S307 - our own arithmetic text
 
 
+def test_difficulty_shapes_training_only():
+    default_train, default_val = make_splits(200, 40, seed=0)
+    easy_train, easy_val = make_splits(200, 40, seed=0, train_mix=(1.0, 0.0, 0.0))
+    assert easy_val == default_val  # the held-out benchmark stays fixed
+    assert {len(r["answer"].splitlines()) for r in easy_train} == {2}  # one step line plus "#### N"
+    assert {len(r["answer"].splitlines()) for r in default_train} == {2, 3, 4}
+    with pytest.raises(ValueError, match="data.difficulty"):
+        GSM8K(difficulty=(0.0, 0.0, 0.0))
+
+
 def test_synthetic_covers_every_template_and_step_count():
     rows = [row for row, _ in zip(problems(0), range(2000))]
     steps = {len(row["answer"].splitlines()) - 1 for row in rows}
