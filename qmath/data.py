@@ -17,7 +17,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from qmath.models import EMBEDDED_MODEL, load_tokenizer
 from qmath.rewards import SYSTEM_PROMPT, extract_hash_answer, parse_number
-from qmath.synthetic import make_splits
+from qmath.synthetic import DEFAULT_MIX, make_splits
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class GSM8K(LightningDataModule):
         val_path: str | None = None,
         val_fraction: float = 0.05,
         num_train: int = 5000,
-        difficulty: tuple[float, float, float] = (0.5, 0.4, 0.1),
+        difficulty: tuple[float, float, float] = DEFAULT_MIX,
         num_val: int | None = 200,
         batch_size: int = 1,
         max_prompt_length: int = 256,

@@ -159,18 +159,19 @@ class GRPO(LightningModule):
         """Completion ids, their mask (through the first EOS) and which completions ended with EOS."""
         hp = self.hparams
         sampling = {} if greedy else {"temperature": hp.temperature, "top_p": hp.top_p, "top_k": hp.top_k or 0}
+        eos_ids = self._eos_ids()
         was_training = self.policy.training
         self.policy.eval()  # dropout off while sampling
         try:
             out = self.policy.generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=hp.max_completion_length,
-                do_sample=not greedy, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._eos_ids(),
+                do_sample=not greedy, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos_ids,
                 use_cache=True, **sampling,
             )
         finally:
             self.policy.train(was_training)
         completion_ids = out[:, input_ids.size(1):]
-        mask, terminated = completion_mask(completion_ids, self._eos_ids())
+        mask, terminated = completion_mask(completion_ids, eos_ids)
         return completion_ids, mask, terminated
 
     def rollout(self, batch: dict[str, Any]) -> dict[str, Any]:

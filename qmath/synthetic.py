@@ -103,7 +103,11 @@ TEMPLATES: dict[int, list[Callable[[random.Random], Problem]]] = {
 }
 
 
-def problems(seed: int, steps_weights: tuple[float, ...] = (0.5, 0.4, 0.1)) -> Iterator[dict[str, str]]:
+DEFAULT_MIX = (0.5, 0.4, 0.1)
+"""Weights of 1-, 2- and 3-step problems: the held-out set's mix, and the training set's by default."""
+
+
+def problems(seed: int, steps_weights: tuple[float, ...] = DEFAULT_MIX) -> Iterator[dict[str, str]]:
     """Endless GSM8K-style rows ``{"question", "answer"}``; ``steps_weights`` weighs problems of 1, 2 and 3 steps."""
     r = random.Random(seed)
     steps = list(TEMPLATES)[: len(steps_weights)]
@@ -111,9 +115,6 @@ def problems(seed: int, steps_weights: tuple[float, ...] = (0.5, 0.4, 0.1)) -> I
         template = r.choice(TEMPLATES[r.choices(steps, weights=steps_weights)[0]])
         question, lines, answer = template(r)
         yield {"question": question, "answer": "\n".join(lines) + f"\n#### {answer}"}
-
-
-DEFAULT_MIX = (0.5, 0.4, 0.1)
 
 
 def make_splits(

@@ -31,9 +31,7 @@ CALLBACKS = [
 def tiny_config(tmp: Path, model: Path) -> Path:
     """The shipped cpu.yaml's structure with the tiny model and a reward it can earn."""
     rewards = [{"class_path": "qmath.rewards.FunctionReward",
-                "init_args": {"function": f"qmath.rewards.{n}_reward" if n != "int" else "qmath.rewards.int_reward",
-                              "name": n}} for n in REWARDS]
-    rewards[0]["init_args"]["function"] = "qmath.rewards.xmlcount_reward"
+                "init_args": {"function": f"qmath.rewards.{n}_reward", "name": n}} for n in REWARDS]
     rewards.append({"class_path": "qmath.rewards.FunctionReward",
                     "init_args": {"function": "tests.test_fit.length_reward", "name": "length"}})
     config = {
