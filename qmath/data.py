@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from lightning import LightningDataModule
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import BatchSampler
 
 from qmath.models import EMBEDDED_MODEL, load_tokenizer
 from qmath.rewards import SYSTEM_PROMPT, extract_hash_answer, parse_number
@@ -59,8 +60,9 @@ class GSM8K(LightningDataModule):
             always uses the default mix (0.5, 0.4, 0.1), so its accuracies compare across runs.
         num_val: how many held-out problems to keep (synthetic: generate; others: the first ``num_val`` of the
             held-out split, or all of it when ``None``).
-        batch_size: prompts per device per step. Each prompt is sampled ``model.num_generations`` times, so a device
-            scores ``batch_size * num_generations`` completions per step.
+        batch_size: prompts per device per micro-batch (one ``training_step``). Each prompt is sampled
+            ``model.num_generations`` times, so a device scores ``batch_size * num_generations`` completions per
+            micro-batch, and an optimizer step covers ``trainer.accumulate_grad_batches`` micro-batches.
         max_prompt_length: prompts longer than this many tokens (after the chat template and prefix) are dropped,
             and the count is logged.
         system_prompt: the system message that asks for the reasoning/answer format.
@@ -186,13 +188,113 @@ class GSM8K(LightningDataModule):
         }
 
     def train_dataloader(self) -> StatefulDataLoader:
-        # Stateful so that Lightning checkpoints the sampler position and a resumed run continues mid-epoch.
-        return StatefulDataLoader(self.train_rows, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
-                                  collate_fn=self.collate, num_workers=self.hparams.num_workers)
+        # One rollout covers a whole optimizer step (accumulate_grad_batches micro-batches), and is reused for
+        # model.num_iterations steps: so each batch of prompts for that rollout is served once per training_step
+        # that uses it, the way TRL's RepeatSampler serves it. Stateful, so that Lightning checkpoints the position.
+        accumulate, iterations = self.steps_per_rollout()
+        sampler = RepeatBatchSampler(ShuffleSampler(self.train_rows), self.hparams.batch_size * accumulate,
+                                     drop_last=True, repeats=accumulate * iterations)
+        if len(sampler) == 0:
+            needed = self.hparams.batch_size * accumulate
+            raise DataError(f"{len(self.train_rows)} training prompts do not fill one rollout of "
+                            f"data.batch_size x trainer.accumulate_grad_batches = {needed} prompts")
+        return StatefulDataLoader(self.train_rows, batch_sampler=sampler, collate_fn=self.collate,
+                                  num_workers=self.hparams.num_workers)
+
+    def steps_per_rollout(self) -> tuple[int, int]:
+        """``(trainer.accumulate_grad_batches, model.num_iterations)`` of the attached trainer; ``(1, 1)`` without."""
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 1
+        module = trainer.lightning_module
+        return trainer.accumulate_grad_batches, int(getattr(module, "hparams", {}).get("num_iterations", 1))
+
+    def draw(self, n: int, seed: int) -> dict[str, Any]:
+        """A batch of ``n`` training prompts drawn with replacement, reproducibly from ``seed``.
+
+        For dynamic sampling: prompts drawn beyond the data loader's own. A pure function of ``seed``, so a
+        resumed run draws the same prompts.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        index = torch.randint(len(self.train_rows), (n,), generator=generator).tolist()
+        return self.collate([self.train_rows[i] for i in index])
 
     def val_dataloader(self) -> StatefulDataLoader:
         return StatefulDataLoader(self.val_rows, batch_size=max(self.hparams.batch_size, 16), shuffle=False,
                                   collate_fn=self.collate, num_workers=self.hparams.num_workers)
+
+
+class ShuffleSampler(torch.utils.data.RandomSampler):
+    """torch's ``RandomSampler`` that resumes mid-epoch: its state is the epoch's seed and how far it got.
+
+    A torch ``RandomSampler`` (not torchdata's) so that Lightning sees a shuffled loader and shuffles under DDP.
+    """
+
+    def __init__(self, data_source: Any, seed: int | None = None) -> None:
+        if seed is None:  # from the global RNG, which seed_everything has seeded
+            seed = int(torch.randint(2**62, ()).item())
+        super().__init__(data_source, generator=torch.Generator().manual_seed(seed))
+        self.yielded = 0
+        self._epoch_state = self.generator.get_state()
+        self._resume: dict[str, Any] | None = None
+
+    def __iter__(self) -> Any:
+        start = 0
+        if self._resume is not None:
+            self.generator.set_state(self._resume["generator"])
+            start, self._resume = self._resume["yielded"], None
+        self._epoch_state = self.generator.get_state()
+        order = torch.randperm(len(self.data_source), generator=self.generator).tolist()
+        self.yielded = start
+        for i in order[start:]:
+            self.yielded += 1
+            yield i
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self._epoch_state, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = state
+
+
+class RepeatBatchSampler(BatchSampler):
+    """Yields each batch ``repeats`` times in a row (TRL's RepeatSampler, by batch); stateful for mid-epoch resume.
+
+    A ``BatchSampler`` with a ``sampler`` argument, so Lightning can put a ``DistributedSampler`` inside under DDP.
+    """
+
+    def __init__(self, sampler: Any, batch_size: int, drop_last: bool, repeats: int = 1) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.repeats = repeats
+
+    def __iter__(self) -> Any:
+        return _RepeatIterator(super().__iter__(), self.repeats)
+
+    def __len__(self) -> int:
+        return super().__len__() * self.repeats
+
+
+class _RepeatIterator:
+    def __init__(self, inner: Any, repeats: int) -> None:
+        self.inner, self.repeats = inner, repeats
+        self.batch: list[int] = []
+        self.served = repeats
+
+    def __iter__(self) -> _RepeatIterator:
+        return self
+
+    def __next__(self) -> list[int]:
+        if self.served >= self.repeats:
+            self.batch, self.served = next(self.inner), 0
+        self.served += 1
+        return list(self.batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": self.inner.state_dict(), "batch": self.batch, "served": self.served}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state["inner"])
+        self.batch, self.served = state["batch"], state["served"]
 
 
 def _read_file(path: str) -> list[dict[str, Any]]:

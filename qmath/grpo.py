@@ -6,22 +6,38 @@ including the first EOS and 0 after it (padding). Nothing here knows about model
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
+ScaleRewards = Literal["group", "batch", "none"]
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 
-def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> tuple[Tensor, Tensor]:
-    """Group-relative advantages ``(r - mean_g) / (std_g + eps)`` and each completion's group std.
+
+def group_advantages(
+    rewards: Tensor, group_size: int, scale_rewards: ScaleRewards = "group", eps: float = 1e-4,
+    batch_rewards: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Group-relative advantages ``r - mean_g``, divided by a std as ``scale_rewards`` says, and each group's std.
 
     ``rewards`` holds ``B = n_groups * group_size`` values, the ``group_size`` completions of one prompt adjacent.
-    The std is the unbiased one, as in DeepSeekMath and TRL.
+    ``scale_rewards``: ``group`` divides by the group's std + ``eps`` (DeepSeekMath); ``batch`` by the std of
+    ``batch_rewards`` (all rewards of the step, across ranks; default ``rewards``) + ``eps``; ``none`` not at all
+    (Dr. GRPO). Stds are the unbiased ones, as in DeepSeekMath and TRL. The second output is always the group std.
     """
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     grouped = rewards.view(-1, group_size)
     mean = grouped.mean(dim=1, keepdim=True)
     std = grouped.std(dim=1, keepdim=True)
-    advantages = (grouped - mean) / (std + eps)
+    advantages = grouped - mean
+    if scale_rewards == "group":
+        advantages = advantages / (std + eps)
+    elif scale_rewards == "batch":
+        advantages = advantages / ((rewards if batch_rewards is None else batch_rewards).std() + eps)
+    elif scale_rewards != "none":
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
     return advantages.flatten(), std.expand_as(grouped).flatten()
 
 
@@ -72,6 +88,35 @@ def clipped_surrogate(
     return torch.min(unclipped, clipped), low, high
 
 
+def aggregate(
+    per_token: Tensor, mask: Tensor, loss_type: LossType = "grpo", max_completion_length: int | None = None,
+    num_items: float | Tensor | None = None,
+) -> Tensor:
+    """Reduce a ``[B, T]`` per-token loss to a scalar the way ``loss_type`` says (the names are TRL's).
+
+    - ``grpo``: each sequence's token mean, then the mean over sequences (DeepSeekMath). Long sequences weigh
+      less per token, which Dr. GRPO shows biases length.
+    - ``bnpo``: token sum ÷ the tokens in this batch.
+    - ``dr_grpo``: token sum ÷ (``B`` × ``max_completion_length``), a constant.
+    - ``dapo``: token sum ÷ ``num_items``, the tokens of the whole accumulated batch across ranks.
+    """
+    mask = mask.to(per_token.dtype)
+    if loss_type == "grpo":
+        return masked_mean(per_token, mask, dim=1).mean()
+    total = (per_token * mask).sum()
+    if loss_type == "bnpo":
+        return total / mask.sum().clamp(min=1)
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type='dr_grpo' needs max_completion_length")
+        return total / (per_token.size(0) * max_completion_length)
+    if loss_type == "dapo":
+        if num_items is None:
+            raise ValueError("loss_type='dapo' needs num_items, the token count of the whole accumulated batch")
+        return total / max(float(num_items), 1.0)
+    raise ValueError(f"loss_type must be 'grpo', 'bnpo', 'dr_grpo' or 'dapo', got {loss_type!r}")
+
+
 def grpo_loss(
     logps: Tensor,
     old_logps: Tensor,
@@ -81,11 +126,15 @@ def grpo_loss(
     beta: float = 0.0,
     epsilon: float = 0.2,
     epsilon_high: float | None = None,
+    loss_type: LossType = "grpo",
+    max_completion_length: int | None = None,
+    num_items: float | Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The GRPO loss: ``-(surrogate - β·KL)`` per token, averaged over each sequence's tokens, then over sequences.
+    """The GRPO loss: ``-(surrogate - β·KL)`` per token, reduced by :func:`aggregate` as ``loss_type`` says.
 
-    Returns the scalar loss and detached statistics: ``kl`` (token mean), ``clip_ratio/low_mean``,
-    ``clip_ratio/high_mean`` and ``clip_ratio/region_mean`` (fractions of completion tokens).
+    Returns the scalar loss and detached statistics: ``kl`` (token mean, only when ``beta`` ≠ 0),
+    ``clip_ratio/low_mean``, ``clip_ratio/high_mean`` and ``clip_ratio/region_mean`` (fractions of the tokens
+    in ``mask``).
     """
     surrogate, low, high = clipped_surrogate(logps, old_logps, advantages, epsilon, epsilon_high)
     per_token = -surrogate
@@ -94,7 +143,7 @@ def grpo_loss(
         kl = k3_kl(logps, ref_logps)
         per_token = per_token + beta * kl
         stats["kl"] = masked_mean(kl.detach(), mask)
-    loss = masked_mean(per_token, mask, dim=1).mean()
+    loss = aggregate(per_token, mask, loss_type, max_completion_length, num_items)
     stats["clip_ratio/low_mean"] = masked_mean(low.float(), mask)
     stats["clip_ratio/high_mean"] = masked_mean(high.float(), mask)
     stats["clip_ratio/region_mean"] = masked_mean((low | high).float(), mask)

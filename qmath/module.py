@@ -1,11 +1,18 @@
 """GRPO (DeepSeekMath, Shao et al. 2024) as a LightningModule: rollout → score → loss.
 
 Where this differs from the paper:
-- One policy update per rollout (μ = 1), so π_old is the rollout policy itself: the ratio is 1 in value and the clip
-  never binds; it still carries the gradient ``A·∇log π``. This is also TRL's default.
+- One rollout feeds one optimizer step made of ``trainer.accumulate_grad_batches`` micro-batches, and is reused for
+  ``num_iterations`` (μ) optimizer steps. The rollout-time log-probs are π_old; they come from the first pass's own
+  forward (the policy has not stepped yet), so neither μ = 1 nor μ > 1 pays for an extra forward pass. With μ = 1
+  the ratio is 1 in value and the clip never binds; it still carries the gradient ``A·∇log π`` (TRL's default).
 - The per-token log-probs use logits divided by the sampling temperature, so the ratio and the KL refer to the
   distribution the completions were actually drawn from (as TRL does).
 - The KL term is the k3 estimator against the frozen initial model, added per token (as the paper), with β fixed.
+- ``loss_type`` (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``) and ``scale_rewards`` choose how tokens are averaged and
+  whether advantages are divided by a std: the paper's choice is ``grpo`` with ``group``; Dr. GRPO and DAPO argue
+  both bias the length of answers.
+- Optional DAPO dynamic sampling: groups whose rewards all agree have zero advantage and carry no gradient, so they
+  can be replaced by groups of further prompts.
 - A group is the ``num_generations`` completions of one prompt, all sampled on one device, so the group statistics
   need no communication between ranks.
 """
@@ -22,7 +29,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from qmath.grpo import completion_mask, group_advantages, grpo_loss, selective_log_softmax
+from qmath.grpo import LossType, ScaleRewards, completion_mask, group_advantages, grpo_loss, selective_log_softmax
 from qmath.models import EMBEDDED_MODEL, load_model, load_tokenizer
 from qmath.rewards import (
     Reward,
@@ -34,17 +41,19 @@ from qmath.rewards import (
     strict_format_reward,
 )
 
-TRAIN_STATS = ["reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
+TRAIN_STATS = ["loss", "reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
                "completions/min_length", "completions/max_length", "completions/clipped_ratio", "kl",
-               "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
+               "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+               "dynamic_sampling/dropped_groups", "dynamic_sampling/drawn_prompts"]
 VAL_STATS = ["val/accuracy_strict", "val/accuracy_lenient", "val/format_rate", "val/completions/mean_length"]
 
 
 class GRPO(LightningModule):
     """Group Relative Policy Optimization of a causal LM on math word problems.
 
-    Per device and step, each of the ``data.batch_size`` prompts is sampled ``num_generations`` times, so the loss
-    is taken over ``data.batch_size * num_generations`` completions.
+    Completions per optimizer step = ``data.batch_size`` prompts per micro-batch × ``num_generations`` (G) ×
+    ``trainer.accumulate_grad_batches`` micro-batches × devices. They are sampled once and trained on for
+    ``num_iterations`` (μ) optimizer steps, so a rollout is drawn every μ optimizer steps.
 
     Args:
         model_name_or_path: the policy's starting weights: a hub id, a local HF directory, a ``.gguf`` file, or
@@ -56,7 +65,18 @@ class GRPO(LightningModule):
         top_k: top-k sampling for rollouts (``None``: off).
         beta: weight of the KL penalty to the frozen reference model. 0 loads no reference model.
         epsilon: clipping range of the probability ratio, ``[1 - epsilon, 1 + epsilon_high]``.
-        epsilon_high: upper clipping bound; ``None`` means ``epsilon``.
+        epsilon_high: upper clipping bound; ``None`` means ``epsilon``. DAPO's clip-higher uses 0.28 with 0.2.
+        loss_type: how per-token losses are averaged: ``grpo`` (each sequence's token mean, then the mean over
+            sequences), ``bnpo`` (token sum ÷ the micro-batch's tokens), ``dr_grpo`` (÷ sequences ×
+            ``max_completion_length``), ``dapo`` (÷ the tokens of the whole optimizer step across devices).
+        scale_rewards: divide advantages by the group's reward std (``group``), the whole step's (``batch``), or not
+            at all (``none``, Dr. GRPO).
+        num_iterations: optimizer steps per rollout (μ); above 1 the clip binds against the rollout's log-probs.
+        mask_truncated_completions: completions cut off at ``max_completion_length`` count zero in the loss.
+        dynamic_sampling: drop groups whose rewards all agree (no gradient) and refill the rollout with groups of
+            further prompts (DAPO).
+        max_sampling_rounds: with ``dynamic_sampling``, at most this many extra rounds of prompts per rollout; if
+            still short, the rollout is topped up with the dropped groups.
         rewards: the reward components, each with a name and a weight. ``None``: the five GSM8K rewards
             (xmlcount, soft_format, strict_format, int, correctness), all with weight 1.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
@@ -76,6 +96,12 @@ class GRPO(LightningModule):
         beta: float = 0.04,
         epsilon: float = 0.2,
         epsilon_high: float | None = None,
+        loss_type: LossType = "grpo",
+        scale_rewards: ScaleRewards = "group",
+        num_iterations: int = 1,
+        mask_truncated_completions: bool = False,
+        dynamic_sampling: bool = False,
+        max_sampling_rounds: int = 3,
         rewards: list[Reward] | None = None,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
@@ -91,6 +117,10 @@ class GRPO(LightningModule):
             raise ValueError(f"model.epsilon and model.epsilon_high must be positive, got {epsilon}, {epsilon_high}")
         if temperature <= 0:
             raise ValueError(f"model.temperature must be positive, got {temperature}")
+        if num_iterations < 1:
+            raise ValueError(f"model.num_iterations must be at least 1, got {num_iterations}")
+        if max_sampling_rounds < 0:
+            raise ValueError(f"model.max_sampling_rounds must be at least 0, got {max_sampling_rounds}")
         self.save_hyperparameters(ignore=["rewards", "optimizer", "lr_scheduler"])
         self.rewards: list[Reward] = list(rewards) if rewards is not None else default_rewards()
         names = [r.name for r in self.rewards]
@@ -100,12 +130,13 @@ class GRPO(LightningModule):
         self.lr_scheduler = lr_scheduler
         self.policy: Any = None
         self.tokenizer: Any = None
-        # Metrics sync across ranks on every step so the logged value is the global mean, not rank 0's.
+        # Accumulated over an optimizer step's micro-batches, then computed (synced across ranks) and reset.
         self.train_stats = torch.nn.ModuleDict(
-            {name: MeanMetric(dist_sync_on_step=True) for name in [f"rewards/{n}/mean" for n in names] + TRAIN_STATS}
+            {name: MeanMetric() for name in [f"rewards/{n}/mean" for n in names] + TRAIN_STATS}
         )
         self.val_stats = torch.nn.ModuleDict({name: MeanMetric() for name in VAL_STATS})
         self.last_rollout: dict[str, list] = {}
+        self.micro_batches: list[dict[str, Any]] = []  # the current rollout, split for accumulation
 
     @property
     def reference(self) -> Any:
@@ -135,17 +166,21 @@ class GRPO(LightningModule):
         kind, keys, *rest = states["numpy"]  # a numpy array would need weights_only=False to load
         states["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), *rest)
         checkpoint["qmath_rng_states"] = states
+        if self.hparams.num_iterations > 1:  # a checkpoint may fall between the μ steps that reuse one rollout
+            checkpoint["qmath_rollout"] = [_to_cpu(m) for m in self.micro_batches]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_states = checkpoint.get("qmath_rng_states")
         if self._rng_states:
             kind, keys, *rest = self._rng_states["numpy"]
             self._rng_states["numpy"] = (kind, keys.numpy().astype("uint32"), *rest)
+        self.micro_batches = checkpoint.get("qmath_rollout", [])
 
     def on_train_start(self) -> None:
         if getattr(self, "_rng_states", None):
             _set_rng_states(self._rng_states)
             self._rng_states = None
+        self.micro_batches = [_to_device(m, self.device) for m in self.micro_batches]
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(p for p in self.parameters() if p.requires_grad)
@@ -180,9 +215,6 @@ class GRPO(LightningModule):
         prompt_ids = batch["input_ids"].repeat_interleave(g, dim=0)
         prompt_mask = batch["attention_mask"].repeat_interleave(g, dim=0)
         completion_ids, mask, terminated = self.generate(prompt_ids, prompt_mask)
-        # Train only on the longest real completion, not on max_completion_length of padding.
-        width = int(mask.sum(dim=1).max())
-        completion_ids, mask = completion_ids[:, :width], mask[:, :width]
         columns = {k: [v for v in values for _ in range(g)] for k, values in batch.items() if isinstance(values, list)}
         texts = self.decode(completion_ids, mask, columns.get("prefix"))
         return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
@@ -193,19 +225,61 @@ class GRPO(LightningModule):
                                             skip_special_tokens=True)
         return [p + t for p, t in zip(prefixes, texts)] if prefixes else texts
 
+    def resample(self, rollout: dict[str, Any], raw: Tensor) -> tuple[dict[str, Any], Tensor]:
+        """DAPO's dynamic sampling: keep the groups whose rewards differ, refilling from further prompts."""
+        g = self.hparams.num_generations
+        wanted = len(rollout["texts"]) // g
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not hasattr(datamodule, "draw"):
+            raise RuntimeError("model.dynamic_sampling needs a data module with a draw(n, seed) method, such as "
+                               "qmath.data.GSM8K, to take further prompts from")
+        informative = self._informative(raw)
+        dropped, drawn = int((~informative).sum()), 0
+        for round_ in range(self.hparams.max_sampling_rounds):
+            missing = wanted - int(informative.sum())
+            if missing <= 0:
+                break
+            # a pure function of (step, rank, round), so a resumed run draws the same prompts
+            seed = (self.trainer.global_step * 1_000_003 + self.global_rank) * 101 + round_
+            extra = self.rollout(_to_device(datamodule.draw(missing, seed), self.device))
+            extra_raw = self.score(extra)
+            extra_informative = self._informative(extra_raw)
+            rollout, raw = _cat_rollouts(rollout, extra), torch.cat([raw, extra_raw], dim=1)
+            informative = torch.cat([informative, extra_informative])
+            dropped, drawn = dropped + int((~extra_informative).sum()), drawn + missing
+        # informative groups first; if still short, top up with uninformative ones (they carry only the KL term)
+        order = torch.cat([informative.nonzero().flatten(), (~informative).nonzero().flatten()])[:wanted]
+        rows = (order.sort().values[:, None] * g + torch.arange(g, device=order.device)).flatten()
+        self._log_stats({"dynamic_sampling/dropped_groups": torch.tensor(float(dropped)),
+                         "dynamic_sampling/drawn_prompts": torch.tensor(float(drawn))})
+        return _select(rollout, rows), raw[:, rows]
+
+    def _informative(self, raw: Tensor) -> Tensor:
+        total = self._total(raw).view(-1, self.hparams.num_generations)
+        return (total.max(dim=1).values - total.min(dim=1).values) > 1e-6
+
     # -- score ---------------------------------------------------------------------------------------------------
     def score(self, rollout: dict[str, Any]) -> Tensor:
-        """Weighted rewards, group-relative advantages, and the reward and length statistics."""
-        raw = torch.tensor(score(self.rewards, rollout["texts"], rollout["columns"]), device=self.device)
-        weights = torch.tensor([r.weight for r in self.rewards], device=self.device)
-        total = (weights[:, None] * raw).sum(dim=0)
-        advantages, group_std = group_advantages(total, self.hparams.num_generations)
+        """Each reward component of each completion, unweighted: ``[n_rewards, B]``."""
+        return torch.tensor(score(self.rewards, rollout["texts"], rollout["columns"]), device=self.device)
+
+    def _total(self, raw: Tensor) -> Tensor:
+        weights = torch.tensor([r.weight for r in self.rewards], device=raw.device, dtype=raw.dtype)
+        return (weights[:, None] * raw).sum(dim=0)
+
+    def advantages(self, rollout: dict[str, Any], raw: Tensor) -> Tensor:
+        """Group-relative advantages of the weighted reward, and the reward and length statistics."""
+        hp = self.hparams
+        total = self._total(raw)
+        # "batch" scaling uses the std over the whole step, every rank's rewards included
+        everyone = self.all_gather(total).flatten() if hp.scale_rewards == "batch" else None
+        advantages, group_std = group_advantages(total, hp.num_generations, hp.scale_rewards, batch_rewards=everyone)
         lengths = rollout["mask"].sum(dim=1).float()
         stats = {f"rewards/{r.name}/mean": raw[i] for i, r in enumerate(self.rewards)}
         stats |= {
             "reward": total,
-            "reward_std": group_std[:: self.hparams.num_generations],
-            "frac_reward_zero_std": (group_std[:: self.hparams.num_generations] < 1e-6).float(),
+            "reward_std": group_std[:: hp.num_generations],
+            "frac_reward_zero_std": (group_std[:: hp.num_generations] < 1e-6).float(),
             "completions/mean_length": lengths,
             "completions/min_length": lengths.min(),
             "completions/max_length": lengths.max(),
@@ -216,6 +290,29 @@ class GRPO(LightningModule):
                              "reward": total.tolist(), "advantage": advantages.tolist(),
                              **{r.name: raw[i].tolist() for i, r in enumerate(self.rewards)}}
         return advantages
+
+    def prepare(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """rollout → score → advantages for a whole optimizer step, split into its accumulation micro-batches."""
+        rollout = self.rollout(batch)
+        raw = self.score(rollout)
+        if self.hparams.dynamic_sampling:
+            rollout, raw = self.resample(rollout, raw)
+        rollout["advantages"] = self.advantages(rollout, raw)
+        loss_mask = rollout["mask"]
+        if self.hparams.mask_truncated_completions:  # a cut-off answer is neither right nor wrong: no signal
+            loss_mask = loss_mask * rollout["terminated"].unsqueeze(1)
+        rollout["loss_mask"] = loss_mask
+        # dapo: every micro-batch divides by the token count of the whole step on all ranks. Lightning divides each
+        # micro-batch's loss by accumulate_grad_batches and DDP averages over ranks; both are undone here.
+        accumulate = self.trainer.accumulate_grad_batches
+        tokens = loss_mask.sum().float()
+        if self.trainer.world_size > 1:
+            tokens = self.all_gather(tokens).sum()
+        num_items = tokens / (accumulate * self.trainer.world_size)
+        micro_batches = [_trim(m) for m in _split(rollout, accumulate)]
+        for m in micro_batches:
+            m["num_items"] = num_items
+        return micro_batches
 
     # -- loss ----------------------------------------------------------------------------------------------------
     def token_logps(self, model: Any, rollout: dict[str, Any]) -> Tensor:
@@ -229,30 +326,42 @@ class GRPO(LightningModule):
                        logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
         return selective_log_softmax(logits, rollout["completion_ids"], self.hparams.temperature)
 
-    def loss(self, rollout: dict[str, Any], advantages: Tensor) -> Tensor:
-        logps = self.token_logps(self.policy, rollout)
-        ref_logps = None
-        if self.reference is not None:
+    def loss(self, micro: dict[str, Any]) -> Tensor:
+        hp = self.hparams
+        logps = self.token_logps(self.policy, micro)
+        # The first pass over a rollout runs before any optimizer step on it: its log-probs are π_old's.
+        if "old_logps" not in micro:
+            micro["old_logps"] = logps.detach()
+        if self.reference is not None and "ref_logps" not in micro:
             with torch.no_grad():
-                ref_logps = self.token_logps(self.reference, rollout)
-        loss, stats = grpo_loss(logps, logps.detach(), advantages, rollout["mask"], ref_logps, self.hparams.beta,
-                                self.hparams.epsilon, self.hparams.epsilon_high)
-        self._log_stats(stats)
+                micro["ref_logps"] = self.token_logps(self.reference, micro)
+        loss, stats = grpo_loss(logps, micro["old_logps"], micro["advantages"], micro["loss_mask"],
+                                micro.get("ref_logps"), hp.beta, hp.epsilon, hp.epsilon_high, hp.loss_type,
+                                hp.max_completion_length, micro["num_items"])
+        self._log_stats({**stats, "loss": loss})
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        rollout = self.rollout(batch)
-        advantages = self.score(rollout)
-        loss = self.loss(rollout, advantages)
-        self.log("loss", loss, prog_bar=True, batch_size=len(rollout["texts"]))
+        accumulate = self.trainer.accumulate_grad_batches
+        # The data module serves each rollout's prompts once per training_step that uses them (see train_dataloader)
+        slot = batch_idx % (accumulate * self.hparams.num_iterations)
+        if slot == 0 or not self.micro_batches:
+            self.micro_batches = self.prepare(batch)
+        loss = self.loss(self.micro_batches[slot % accumulate])
+        if (batch_idx + 1) % accumulate == 0:
+            self._flush_stats()
         return loss
 
     def _log_stats(self, stats: dict[str, Tensor]) -> None:
         for name, value in stats.items():
-            metric = self.train_stats[name]
-            metric(value.detach().float().flatten())
-            self.log(name, metric, on_step=True, on_epoch=False, prog_bar=name == "reward",
-                     batch_size=value.numel())
+            self.train_stats[name].update(value.detach().float().flatten().to(self.device))
+
+    def _flush_stats(self) -> None:
+        """Log each statistic of this optimizer step: the mean over its micro-batches and all ranks."""
+        for name, metric in self.train_stats.items():
+            if metric.update_called:
+                self.log(name, metric.compute(), prog_bar=name in ("reward", "loss"))
+                metric.reset()
 
     # -- validation: greedy answers on held-out problems ---------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -275,3 +384,63 @@ class GRPO(LightningModule):
         if self.tokenizer.eos_token_id not in ids:
             ids.append(self.tokenizer.eos_token_id)
         return ids
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def _to_cpu(batch: dict[str, Any]) -> dict[str, Any]:
+    return _to_device(batch, torch.device("cpu"))
+
+
+def _select(rollout: dict[str, Any], rows: Tensor) -> dict[str, Any]:
+    """The rows ``rows`` of every per-completion field."""
+    index = rows.tolist()
+    out = {k: v[rows] if isinstance(v, Tensor) else [v[i] for i in index] for k, v in rollout.items()
+           if k != "columns"}
+    out["columns"] = {k: [v[i] for i in index] for k, v in rollout["columns"].items()}
+    return out
+
+
+def _split(rollout: dict[str, Any], parts: int) -> list[dict[str, Any]]:
+    n = len(rollout["texts"])
+    if n % parts:
+        raise ValueError(f"{n} completions do not split into {parts} micro-batches")
+    size = n // parts
+    return [_select(rollout, torch.arange(i * size, (i + 1) * size)) for i in range(parts)]
+
+
+def _trim(micro: dict[str, Any]) -> dict[str, Any]:
+    """Drop columns that are padding in every row: left of the longest prompt, right of the longest completion."""
+    prompt_start = int((micro["prompt_mask"].sum(dim=0) > 0).int().argmax())
+    width = int(micro["mask"].sum(dim=1).max())
+    out = dict(micro)
+    for key in ("prompt_ids", "prompt_mask"):
+        out[key] = micro[key][:, prompt_start:]
+    for key in ("completion_ids", "mask", "loss_mask"):
+        out[key] = micro[key][:, :width]
+    return out
+
+
+def _cat_rollouts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two rollouts as one: prompts left-padded, completions right-padded to common widths."""
+    pad = int(a["prompt_ids"][0, 0]) if not a["prompt_mask"][0, 0] else 0
+
+    def left(x: Tensor, width: int, value: int) -> Tensor:
+        return torch.nn.functional.pad(x, (width - x.size(1), 0), value=value)
+
+    def right(x: Tensor, width: int, value: int) -> Tensor:
+        return torch.nn.functional.pad(x, (0, width - x.size(1)), value=value)
+
+    p = max(a["prompt_ids"].size(1), b["prompt_ids"].size(1))
+    c = max(a["completion_ids"].size(1), b["completion_ids"].size(1))
+    return {
+        "prompt_ids": torch.cat([left(a["prompt_ids"], p, pad), left(b["prompt_ids"], p, pad)]),
+        "prompt_mask": torch.cat([left(a["prompt_mask"], p, 0), left(b["prompt_mask"], p, 0)]),
+        "completion_ids": torch.cat([right(a["completion_ids"], c, pad), right(b["completion_ids"], c, pad)]),
+        "mask": torch.cat([right(a["mask"], c, 0), right(b["mask"], c, 0)]),
+        "terminated": torch.cat([a["terminated"], b["terminated"]]),
+        "texts": a["texts"] + b["texts"],
+        "columns": {k: a["columns"][k] + b["columns"].get(k, []) for k in a["columns"]},
+    }
