@@ -250,9 +250,10 @@ class GRPO(LightningModule):
         # informative groups first; if still short, top up with uninformative ones (they carry only the KL term)
         order = torch.cat([informative.nonzero().flatten(), (~informative).nonzero().flatten()])[:wanted]
         rows = (order.sort().values[:, None] * g + torch.arange(g, device=order.device)).flatten()
-        self._log_stats({"dynamic_sampling/dropped_groups": torch.tensor(float(dropped)),
-                         "dynamic_sampling/drawn_prompts": torch.tensor(float(drawn))})
-        return _select(rollout, rows), raw[:, rows]
+        rollout = _select(rollout, rows)
+        rollout["stats"] = {"dynamic_sampling/dropped_groups": torch.tensor(float(dropped)),
+                            "dynamic_sampling/drawn_prompts": torch.tensor(float(drawn))}
+        return rollout, raw[:, rows]
 
     def _informative(self, raw: Tensor) -> Tensor:
         total = self._total(raw).view(-1, self.hparams.num_generations)
@@ -285,7 +286,7 @@ class GRPO(LightningModule):
             "completions/max_length": lengths.max(),
             "completions/clipped_ratio": (~rollout["terminated"]).float(),
         }
-        self._log_stats(stats)
+        rollout["stats"] = {**rollout.get("stats", {}), **stats}
         self.last_rollout = {"question": rollout["columns"].get("question", []), "completion": rollout["texts"],
                              "reward": total.tolist(), "advantage": advantages.tolist(),
                              **{r.name: raw[i].tolist() for i, r in enumerate(self.rewards)}}
@@ -309,9 +310,11 @@ class GRPO(LightningModule):
         if self.trainer.world_size > 1:
             tokens = self.all_gather(tokens).sum()
         num_items = tokens / (accumulate * self.trainer.world_size)
+        stats = rollout.pop("stats")
         micro_batches = [_trim(m) for m in _split(rollout, accumulate)]
         for m in micro_batches:
             m["num_items"] = num_items
+        micro_batches[0]["stats"] = stats  # the rollout's statistics, logged at every step that trains on it
         return micro_batches
 
     # -- loss ----------------------------------------------------------------------------------------------------
@@ -347,6 +350,8 @@ class GRPO(LightningModule):
         slot = batch_idx % (accumulate * self.hparams.num_iterations)
         if slot == 0 or not self.micro_batches:
             self.micro_batches = self.prepare(batch)
+        if slot % accumulate == 0:
+            self._log_stats(self.micro_batches[0]["stats"])
         loss = self.loss(self.micro_batches[slot % accumulate])
         if (batch_idx + 1) % accumulate == 0:
             self._flush_stats()
@@ -387,7 +392,8 @@ class GRPO(LightningModule):
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    return {k: v.to(device) if isinstance(v, Tensor) else _to_device(v, device) if k == "stats" else v
+            for k, v in batch.items()}
 
 
 def _to_cpu(batch: dict[str, Any]) -> dict[str, Any]:
@@ -398,7 +404,7 @@ def _select(rollout: dict[str, Any], rows: Tensor) -> dict[str, Any]:
     """The rows ``rows`` of every per-completion field."""
     index = rows.tolist()
     out = {k: v[rows] if isinstance(v, Tensor) else [v[i] for i in index] for k, v in rollout.items()
-           if k != "columns"}
+           if k not in ("columns", "stats")}
     out["columns"] = {k: [v[i] for i in index] for k, v in rollout["columns"].items()}
     return out
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM
 
 from qmath.__main__ import main
 
@@ -53,8 +55,6 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_fit_trains_logs_and_checkpoints(tiny_model, in_tmp):
-    from transformers import AutoModelForCausalLM
-
     cli = main(["fit", "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model))])
     assert cli.trainer.global_step == 2
 
@@ -105,3 +105,105 @@ def test_beta_zero_loads_no_reference(tiny_model, in_tmp):
                 "--model.beta", "0", "--trainer.max_steps", "1"])
     assert cli.model.reference is None
     assert "kl" not in scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_fit_each_loss_type_and_iterations(tiny_model, in_tmp, monkeypatch, loss_type, num_iterations):
+    from qmath.module import GRPO
+
+    calls = {"prepare": 0, "policy": 0, "reference": 0}
+    prepare, token_logps = GRPO.prepare, GRPO.token_logps
+
+    def counting_prepare(self, batch):
+        calls["prepare"] += 1
+        return prepare(self, batch)
+
+    def counting_logps(self, model, rollout):
+        calls["policy" if model is self.policy else "reference"] += 1
+        return token_logps(self, model, rollout)
+
+    monkeypatch.setattr(GRPO, "prepare", counting_prepare)
+    monkeypatch.setattr(GRPO, "token_logps", counting_logps)
+    cli = main(["fit", "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)),
+                "--model.loss_type", loss_type, "--model.num_iterations", str(num_iterations),
+                "--model.epsilon_high", "0.28", "--trainer.max_steps", "4", "--trainer.val_check_interval", "4"])
+    assert cli.trainer.global_step == 4
+    # one rollout per μ steps; one policy forward per step (π_old comes free); one reference forward per rollout
+    assert calls == {"prepare": 4 // num_iterations, "policy": 4, "reference": 4 // num_iterations}
+    logged = scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")
+    assert [s for s, _ in logged["loss"]] == [0, 1, 2, 3]
+    assert all(math.isfinite(v) for _, v in logged["loss"])
+    rewards = [v for _, v in logged["reward"]]
+    assert len(rewards) == 4
+    if num_iterations == 2:  # each rollout's rewards are logged at both steps that train on it
+        assert rewards[0] == rewards[1] and rewards[2] == rewards[3]
+    clipped = [v for _, v in logged["clip_ratio/region_mean"]]
+    if num_iterations == 1:
+        assert clipped == [0.0] * 4  # ρ = 1: the clip never binds
+    before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    assert any(not torch.equal(before[k], v) for k, v in cli.model.policy.state_dict().items())
+
+
+def test_reused_rollout_moves_the_ratio_and_clips(tiny_model, in_tmp):
+    # lr 1e-2 moves the tiny model far in one step, so the second pass over the rollout sees ρ ≠ 1 and clips
+    main(["fit", "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)), "--model.num_iterations", "2"])
+    clipped = dict(scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")["clip_ratio/region_mean"])
+    assert clipped[0] == 0.0 and clipped[1] > 0.0
+
+
+def test_resume_between_reuses_of_a_rollout(tiny_model, in_tmp):
+    config = str(tiny_config(in_tmp, tiny_model))
+    mu = ["--model.num_iterations", "2", "--trainer.val_check_interval", "3"]
+    straight = main(["fit", "--config", "cpu", "--config", config, *mu, "--trainer.max_steps", "3",
+                     "--trainer.logger.init_args.name", "once"])
+    main(["fit", "--config", "cpu", "--config", config, *mu, "--trainer.max_steps", "1"])  # stops mid-rollout
+    ckpt = torch.load(in_tmp / "lightning_logs" / "cpu" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert len(ckpt["qmath_rollout"]) == 1 and "old_logps" in ckpt["qmath_rollout"][0]
+    resumed = main(["fit", "--config", "cpu", "--config", config, *mu, "--trainer.max_steps", "3",
+                    "--ckpt_path", "last"])
+    assert resumed.model.last_rollout["question"] == straight.model.last_rollout["question"]
+    for a, b in zip(straight.model.policy.parameters(), resumed.model.policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_accumulation_samples_the_whole_step_at_once(tiny_model, in_tmp):
+    cli = main(["fit", "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)),
+                "--trainer.accumulate_grad_batches", "2", "--data.batch_size", "2", "--model.loss_type", "dapo",
+                "--model.num_generations", "4", "--trainer.max_steps", "2"])
+    assert cli.trainer.global_step == 2
+    # one rollout of 2 micro-batches x 2 prompts x 4 generations per optimizer step, split in two
+    assert len(cli.model.last_rollout["completion"]) == 16
+    assert [len(m["texts"]) for m in cli.model.micro_batches] == [8, 8]
+    tokens = sum(int(m["loss_mask"].sum()) for m in cli.model.micro_batches)
+    assert cli.model.micro_batches[0]["num_items"].item() == pytest.approx(tokens / 2)
+
+
+def group_reward(completions, question, **_):
+    """Informative only for questions of even length: the other groups all score 0."""
+    return [float(len(c) % 3) if len(q) % 2 == 0 else 0.0 for c, q in zip(completions, question)]
+
+
+def test_dynamic_sampling_drops_and_refills(tiny_model, in_tmp):
+    reward = {"class_path": "qmath.rewards.FunctionReward",
+              "init_args": {"function": "tests.test_fit.group_reward", "name": "group"}}
+    overrides = in_tmp / "dynamic.yaml"
+    overrides.write_text(yaml.safe_dump({"model": {"rewards": [reward]}}))
+    main(["fit", "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)), "--config", str(overrides),
+          "--model.dynamic_sampling", "true", "--model.max_sampling_rounds", "8", "--data.batch_size", "2",
+          "--model.num_generations", "4", "--trainer.max_steps", "4", "--trainer.val_check_interval", "4"])
+    logged = {k: [v for _, v in vs] for k, vs in scalars(in_tmp / "lightning_logs" / "cpu" / "version_0").items()}
+    assert sum(logged["dynamic_sampling/dropped_groups"]) > 0
+    assert sum(logged["dynamic_sampling/drawn_prompts"]) > 0
+    assert logged["frac_reward_zero_std"] == [0.0] * 4  # every trained group carries a gradient
+
+
+def test_mask_truncated_completions_zeroes_their_loss(tiny_model, in_tmp):
+    # the random tiny model rarely emits EOS within 8 tokens: every completion is truncated, so nothing trains
+    cli = main(["fit", "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)),
+                "--model.mask_truncated_completions", "true", "--model.beta", "0", "--trainer.max_steps", "1"])
+    micro = cli.model.micro_batches[0]
+    assert not micro["terminated"].any()
+    assert micro["loss_mask"].sum() == 0
+    before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    assert all(torch.equal(before[k], v) for k, v in cli.model.policy.state_dict().items())

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qmath.grpo import (
+    aggregate,
     clipped_surrogate,
     completion_mask,
     group_advantages,
@@ -24,6 +25,93 @@ def test_group_advantages_by_hand():
     expected = torch.tensor([(1 - 4 / 3) / (s + 1e-4), (0 - 4 / 3) / (s + 1e-4), (3 - 4 / 3) / (s + 1e-4), 0, 0, 0])
     torch.testing.assert_close(adv, expected)
     torch.testing.assert_close(std, torch.tensor([s, s, s, 0.0, 0.0, 0.0]))
+
+
+def test_group_advantages_batch_and_no_scaling_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 3.0, 2.0, 2.0, 2.0])
+    group_means = torch.tensor([4 / 3] * 3 + [2.0] * 3)
+    # batch: mean 5/3; squared deviations 4/9, 25/9, 16/9, 1/9 x3 = 48/9; unbiased var 48/45 = 16/15
+    adv, std = group_advantages(rewards, 3, scale_rewards="batch")
+    torch.testing.assert_close(adv, (rewards - group_means) / (math.sqrt(16 / 15) + 1e-4))
+    torch.testing.assert_close(std, torch.tensor([math.sqrt(7 / 3)] * 3 + [0.0] * 3))  # still the group std
+    # batch across ranks: the std of everyone's rewards is given
+    adv, _ = group_advantages(rewards, 3, scale_rewards="batch", batch_rewards=torch.tensor([0.0, 2.0]))
+    torch.testing.assert_close(adv, (rewards - group_means) / (math.sqrt(2) + 1e-4))
+    adv, _ = group_advantages(rewards, 3, scale_rewards="none")  # Dr. GRPO
+    torch.testing.assert_close(adv, torch.tensor([-1 / 3, -4 / 3, 5 / 3, 0.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="scale_rewards"):
+        group_advantages(rewards, 3, scale_rewards="std")
+
+
+def test_aggregate_each_loss_type_by_hand():
+    pad = 100.0  # must never count
+    per_token = torch.tensor([[1.0, 2.0, 3.0, pad], [4.0, 5.0, pad, pad], [6.0, 7.0, 8.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])  # lengths 3, 2, 4; 9 tokens; sum 45
+    assert aggregate(per_token, mask, "grpo").item() == pytest.approx((6 / 3 + 9 / 2 + 30 / 4) / 3)
+    assert aggregate(per_token, mask, "bnpo").item() == pytest.approx(45 / 9)
+    assert aggregate(per_token, mask, "dr_grpo", max_completion_length=5).item() == pytest.approx(45 / (3 * 5))
+    assert aggregate(per_token, mask, "dapo", num_items=15).item() == pytest.approx(45 / 15)
+    with pytest.raises(ValueError, match="num_items"):
+        aggregate(per_token, mask, "dapo")
+    with pytest.raises(ValueError, match="loss_type"):
+        aggregate(per_token, mask, "ppo")
+
+
+# Three completions: A = 2 (lengths 2), A = -1 (length 3), A = 0 (length 1); ratios away from 1; clip-higher.
+RATIOS = torch.tensor([[1.5, 0.7, 1.0, 1.0], [1.1, 0.5, 1.3, 1.0], [2.0, 1.0, 1.0, 1.0]])
+MASK = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]])
+ADV = torch.tensor([2.0, -1.0, 0.0])
+# Per token -min(ρA, clip(ρ, 0.8, 1.28)A), by hand:
+#   row 1: ρ 1.5 -> -min(3.0, 2.56) = -2.56 (high clip); ρ 0.7 -> -min(1.4, 1.6) = -1.4
+#   row 2: ρ 1.1 -> 1.1; ρ 0.5 -> -min(-0.5, -0.8) = 0.8 (low clip); ρ 1.3 -> -min(-1.3, -1.28) = 1.3 (no clip)
+#   row 3: A = 0 -> 0
+ROW_SUMS = [-3.96, 3.2, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "expected"),
+    [
+        ("grpo", (-3.96 / 2 + 3.2 / 3 + 0.0) / 3),
+        ("bnpo", sum(ROW_SUMS) / 6),
+        ("dr_grpo", sum(ROW_SUMS) / (3 * 4)),
+        ("dapo", sum(ROW_SUMS) / 20),
+    ],
+)
+def test_grpo_loss_types_with_clip_higher_by_hand(loss_type, expected):
+    old = torch.log(torch.full((3, 4), 0.3))
+    logps = old + torch.log(RATIOS)
+    loss, stats = grpo_loss(logps, old, ADV, MASK, epsilon=0.2, epsilon_high=0.28, loss_type=loss_type,
+                            max_completion_length=4, num_items=20)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert stats["clip_ratio/low_mean"].item() == pytest.approx(1 / 6)
+    assert stats["clip_ratio/high_mean"].item() == pytest.approx(1 / 6)
+    assert stats["clip_ratio/region_mean"].item() == pytest.approx(2 / 6)
+    assert "kl" not in stats
+
+
+def test_symmetric_clip_binds_earlier_by_hand():
+    old = torch.log(torch.full((3, 4), 0.3))
+    loss, stats = grpo_loss(old + torch.log(RATIOS), old, ADV, MASK, epsilon=0.2, loss_type="bnpo")
+    # ε_high = 0.2: row 1's first token becomes -2.4 instead of -2.56; row 2's ρ 1.3 still unclipped (A < 0)
+    assert loss.item() == pytest.approx((-2.4 - 1.4 + 3.2) / 6, abs=1e-6)
+    assert stats["clip_ratio/high_mean"].item() == pytest.approx(1 / 6)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_gradient_is_minus_advantage_times_grad_logp_per_loss_type(loss_type):
+    # ρ = 1, β = 0: ∇loss = Σ_t -A_i w_it ∇log π_t, with the weights w the loss type says (0 on padding).
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 7, requires_grad=True)
+    tokens = torch.randint(0, 7, (3, 4))
+    logps = selective_log_softmax(logits, tokens)
+    lengths = MASK.sum(1, keepdim=True).float()
+    weights = {"grpo": MASK / lengths / 3, "bnpo": MASK / 6.0, "dr_grpo": MASK / (3 * 4.0), "dapo": MASK / 20.0}
+    loss, _ = grpo_loss(logps, logps.detach(), ADV, MASK, loss_type=loss_type, max_completion_length=4,
+                        num_items=20)
+    (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    (expected,) = torch.autograd.grad((-ADV[:, None] * weights[loss_type] * logps).sum(), logits)
+    torch.testing.assert_close(grad, expected)
+    assert grad[0, 2:].abs().sum() == 0  # padding gets no gradient
 
 
 def test_group_advantages_rejects_a_broken_group():
