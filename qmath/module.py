@@ -137,6 +137,7 @@ class GRPO(LightningModule):
         self.val_stats = torch.nn.ModuleDict({name: MeanMetric() for name in VAL_STATS})
         self.last_rollout: dict[str, list] = {}
         self.micro_batches: list[dict[str, Any]] = []  # the current rollout, split for accumulation
+        self.val_records: list[dict[str, Any]] = []  # this process's greedy answers from the latest validation
 
     @property
     def reference(self) -> Any:
@@ -369,6 +370,9 @@ class GRPO(LightningModule):
                 metric.reset()
 
     # -- validation: greedy answers on held-out problems ---------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self.val_records = []
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         completion_ids, mask, _ = self.generate(batch["input_ids"], batch["attention_mask"], greedy=True)
         texts = self.decode(completion_ids, mask, batch.get("prefix"))
@@ -376,6 +380,10 @@ class GRPO(LightningModule):
         strict = torch.tensor([parse_number(extract_xml_answer(t)) == a for t, a in zip(texts, truths)])
         lenient = torch.tensor([last_number(t) == a for t, a in zip(texts, truths)])
         formatted = torch.tensor(strict_format_reward(texts)) > 0
+        self.val_records += [
+            {"question": q, "answer": a, "completion": t, "strict": bool(s), "lenient": bool(n), "format": bool(f)}
+            for q, a, t, s, n, f in zip(batch["question"], batch["answer"], texts, strict, lenient, formatted)
+        ]
         values = {"val/accuracy_strict": strict, "val/accuracy_lenient": lenient, "val/format_rate": formatted,
                   "val/completions/mean_length": mask.sum(dim=1)}
         for name, value in values.items():

@@ -1,0 +1,192 @@
+"""Proof of learning: held-out accuracy of the embedded default before and after one `fit`, and its curves.
+
+    python benchmarks/learning.py --seed 0 [--num-val 500] [--workdir learning] [--png docs/learning.png]
+                                  [-- extra fit options, e.g. --model.optimizer.init_args.lr 1e-5]
+
+1. Greedy evaluation of the base model on the data module's held-out split (``--num-val`` synthetic problems,
+   always the default 1/2/3-step mix). Greedy decoding is deterministic, so this result is cached in the workdir
+   and reused by later seeds.
+2. ``python -m qmath fit`` of the embedded default (``configs/cpu.yaml``) with ``--seed_everything SEED``.
+3. The same evaluation of the trained policy (its ``last.ckpt``).
+4. Prints each reward component's mean over the first and last 10 steps, and the held-out strict-format rate and
+   accuracies before and after, with standard errors; writes ``results.json`` and a PNG of the training curves
+   read back from the TensorBoard event file.
+
+Standard errors: of a rate p over n problems, sqrt(p(1 - p) / n); of the accuracy change, the paired one (the same
+problems before and after): the standard deviation of the per-problem change over sqrt(n).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+REWARDS = ["xmlcount", "soft_format", "strict_format", "int", "correctness"]
+CURVES = [("rewards/" + n + "/mean", n) for n in REWARDS]
+
+
+def evaluate(num_val: int, options: list[str], ckpt: str | None = None) -> list[dict]:
+    """Greedy answers on the held-out problems, one record per problem (strict, lenient, format)."""
+    from qmath.__main__ import main
+
+    args = ["validate", "--data.num_val", str(num_val), "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", *options]
+    if ckpt:
+        args += ["--ckpt_path", ckpt]
+    return main(args).model.val_records
+
+
+def model_and_data_options(options: list[str]) -> list[str]:
+    """The ``--model.*`` and ``--data.*`` options (``--k v`` or ``--k=v``) of a fit command line."""
+    out, keep = [], False
+    for option in options:
+        if option.startswith("--"):
+            keep = option.startswith(("--model.", "--data."))
+        if keep:
+            out.append(option)
+    return out
+
+
+def rate(records: list[dict], key: str) -> tuple[float, float]:
+    n = len(records)
+    p = sum(r[key] for r in records) / n
+    return p, math.sqrt(p * (1 - p) / n)
+
+
+def paired_change(before: list[dict], after: list[dict], key: str) -> tuple[float, float]:
+    if [r["question"] for r in before] != [r["question"] for r in after]:
+        raise SystemExit("the held-out problems differ between the two evaluations; delete the cached before-*.json")
+    diffs = [float(a[key]) - float(b[key]) for a, b in zip(after, before)]
+    return statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+
+def read_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+
+
+def plot(scalars: dict, png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def smooth(points: list[tuple[int, float]], k: int = 5) -> tuple[list[int], list[float]]:
+        steps, values = zip(*points)
+        out = [statistics.fmean(values[max(0, i - k + 1): i + 1]) for i in range(len(values))]
+        return list(steps), out
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for tag, label in CURVES:
+        if tag in scalars:
+            axes[0].plot(*smooth(scalars[tag]), label=label)
+    axes[0].set_title("reward components (mean per step, 5-step running mean)")
+    axes[0].legend(fontsize=8)
+    if "completions/mean_length" in scalars:
+        axes[1].plot(*zip(*scalars["completions/mean_length"]), alpha=0.3, color="C0")
+        axes[1].plot(*smooth(scalars["completions/mean_length"]), color="C0")
+    axes[1].set_title("completions/mean_length (tokens)")
+    if "kl" in scalars:
+        axes[2].plot(*zip(*scalars["kl"]), color="C3")
+    axes[2].set_title("kl (to the reference model)")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=90)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0, help="seed_everything of the training run")
+    parser.add_argument("--num-val", type=int, default=500, help="held-out problems (at least 200)")
+    parser.add_argument("--workdir", default="learning", help="where runs, the cached baseline and results go")
+    parser.add_argument("--png", default=None, help="the curves' PNG (default: WORKDIR/seedN/learning.png)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("fit_options", nargs="*", help="after --: extra `fit` options")
+    args = parser.parse_args(argv)
+    if args.num_val < 200:
+        parser.error("--num-val must be at least 200")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workdir = Path(args.workdir).resolve()
+    run_dir = workdir / f"seed{args.seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    png = Path(args.png).resolve() if args.png else run_dir / "learning.png"
+    # validation must use the training run's model and data settings (lengths, prompt format)
+    eval_options = model_and_data_options(args.fit_options)
+    os.chdir(run_dir)
+
+    key = hashlib.sha1(json.dumps(eval_options).encode()).hexdigest()[:8]
+    cache = workdir / f"before-{args.num_val}-{key}.json"
+    if cache.exists():
+        before = json.loads(cache.read_text())
+    else:
+        start = time.time()
+        before = evaluate(args.num_val, eval_options)
+        cache.write_text(json.dumps(before))
+        print(f"before: evaluated {len(before)} problems in {time.time() - start:.0f} s", flush=True)
+
+    from qmath.__main__ import main as qmath_main
+
+    start = time.time()
+    cli = qmath_main(["fit", "--seed_everything", str(args.seed), "--trainer.limit_val_batches", "0",
+                      "--trainer.enable_progress_bar", "false", *args.fit_options])
+    fit_seconds = time.time() - start
+    log_dir = cli.trainer.logger.log_dir
+    ckpt = str(Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt")
+    after = evaluate(args.num_val, eval_options, ckpt)
+
+    scalars = read_scalars(log_dir)
+    steps = len(scalars["reward"])
+    report = {"seed": args.seed, "num_val": args.num_val, "fit_options": args.fit_options, "steps": steps,
+              "fit_seconds": round(fit_seconds), "log_dir": log_dir, "rewards": {}, "heldout": {}}
+    print(f"\nseed {args.seed}: {steps} steps in {fit_seconds / 60:.1f} min ({fit_seconds / steps:.1f} s/step); "
+          f"held-out: {args.num_val} synthetic problems, greedy")
+    print(f"{'reward component':<28}{'first 10 steps':>18}{'last 10 steps':>18}")
+    for tag in [t for t, _ in CURVES] + ["reward", "completions/mean_length"]:
+        values = [v for _, v in scalars.get(tag, [])]
+        if len(values) >= 2:
+            first, last = mean_se(values[:10]), mean_se(values[-10:])
+            report["rewards"][tag] = {"first10": first, "last10": last}
+            print(f"{tag:<28}{first[0]:>10.3f} ± {first[1]:.3f}{last[0]:>10.3f} ± {last[1]:.3f}")
+    print(f"\n{'held-out':<28}{'before':>18}{'after':>18}{'change':>18}{'z':>6}")
+    for key, label in [("format", "strict-format rate"), ("strict", "accuracy (strict)"),
+                       ("lenient", "accuracy (lenient)")]:
+        b, a = rate(before, key), rate(after, key)
+        change, se = paired_change(before, after, key)
+        z = change / se if se else float("nan")
+        report["heldout"][key] = {"before": b, "after": a, "change": change, "change_se": se, "z": z}
+        print(f"{label:<28}{b[0]:>10.1%} ± {b[1]:.1%}{a[0]:>10.1%} ± {a[1]:.1%}{change:>+10.1%} ± {se:.1%}{z:>6.1f}")
+    (run_dir / "results.json").write_text(json.dumps(report, indent=2))
+    (run_dir / "after.json").write_text(json.dumps(after))
+    acc, fmt = report["heldout"]["strict"], report["heldout"]["format"]
+    plot(scalars, png, f"embedded default, seed {args.seed}: held-out accuracy {acc['before'][0]:.1%} → "
+                       f"{acc['after'][0]:.1%} (n = {args.num_val}), strict format "
+                       f"{fmt['before'][0]:.1%} → {fmt['after'][0]:.1%}")
+    print(f"\ncurves: {png}\nresults: {run_dir / 'results.json'}")
+    return report
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()
