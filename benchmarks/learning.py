@@ -132,10 +132,17 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = workdir / f"seed{args.seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     png = Path(args.png).resolve() if args.png else run_dir / "learning.png"
+    cwd = os.getcwd()
+    os.chdir(run_dir)  # the run's lightning_logs/ land here
+    try:
+        return run(args, workdir, run_dir, png)
+    finally:
+        os.chdir(cwd)
+
+
+def run(args: argparse.Namespace, workdir: Path, run_dir: Path, png: Path) -> dict:
     # validation must use the training run's model and data settings (lengths, prompt format)
     eval_options = model_and_data_options(args.fit_options)
-    os.chdir(run_dir)
-
     key = hashlib.sha1(json.dumps(eval_options).encode()).hexdigest()[:8]
     cache = workdir / f"before-{args.num_val}-{key}.json"
     if cache.exists():

@@ -56,13 +56,12 @@ class QMathCLI(LightningCLI):
     def before_fit(self) -> None:
         trainer, model, data = self.trainer, self.model, self.datamodule
         g, prompts = model.hparams.num_generations, data.hparams.batch_size
-        per_device = prompts * g
-        world = trainer.world_size
-        accumulate = trainer.accumulate_grad_batches
+        world, accumulate = trainer.world_size, trainer.accumulate_grad_batches
+        mu = model.hparams.num_iterations
         if trainer.is_global_zero:
             print(
-                f"qmath: {prompts} prompt(s) x {g} generations = {per_device} completions per device per step; "
-                f"x {world} device(s) x {accumulate} accumulated batch(es) = {per_device * world * accumulate} "
-                "completions per optimizer step",
+                f"qmath: {prompts} prompt(s) x {g} generations x {accumulate} accumulated micro-batch(es) x {world} "
+                f"device(s) = {prompts * g * accumulate * world} completions per optimizer step, sampled once every "
+                f"{mu} optimizer step(s) (num_iterations)",
                 flush=True,
             )

@@ -44,7 +44,7 @@ from qmath.rewards import (
 TRAIN_STATS = ["loss", "reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
                "completions/min_length", "completions/max_length", "completions/clipped_ratio", "kl",
                "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-               "dynamic_sampling/dropped_groups", "dynamic_sampling/drawn_prompts"]
+               "dynamic_sampling/dropped_groups", "dynamic_sampling/drawn_prompts", "completions_per_step"]
 VAL_STATS = ["val/accuracy_strict", "val/accuracy_lenient", "val/format_rate", "val/completions/mean_length"]
 
 
@@ -312,6 +312,7 @@ class GRPO(LightningModule):
             tokens = self.all_gather(tokens).sum()
         num_items = tokens / (accumulate * self.trainer.world_size)
         stats = rollout.pop("stats")
+        stats["completions_per_step"] = torch.tensor(float(len(rollout["texts"]) * self.trainer.world_size))
         micro_batches = [_trim(m) for m in _split(rollout, accumulate)]
         for m in micro_batches:
             m["num_items"] = num_items

@@ -141,3 +141,51 @@ def test_hub_path_reads_the_named_config_and_splits(tiny_model, monkeypatch):
     assert calls == [("openai/gsm8k", "main")]
     assert [r["question"] for r in data.train_rows] == [f"train {i}?" for i in range(6)]
     assert [r["answer"] for r in data.val_rows] == ["0", "1", "2"]
+
+
+def test_repeat_batch_sampler_repeats_and_resumes_mid_batch():
+    import torch
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from qmath.data import RepeatBatchSampler, ShuffleSampler
+
+    rows = list(range(10))
+
+    def loader(seed):
+        return StatefulDataLoader(rows, batch_sampler=RepeatBatchSampler(ShuffleSampler(rows, seed), 2, True, 3))
+
+    whole = []
+    full = loader(0)
+    for _ in range(2):  # two epochs through one loader
+        whole += [b.tolist() for b in full]
+    assert len(whole) == 2 * 5 * 3
+    assert all(whole[i] == whole[i + 1] == whole[i + 2] for i in range(0, 30, 3))  # each batch three times
+    assert sorted(i for b in whole[:15:3] for i in b) == rows  # an epoch is a permutation
+    assert whole[:15] != whole[15:]  # reshuffled per epoch
+
+    first = loader(0)
+    it = iter(first)
+    head = [next(it).tolist() for _ in range(7)]  # stop in the middle of a batch's repeats
+    state = first.state_dict()
+    resumed = loader(123)  # a different seed: the state must carry the order
+    resumed.load_state_dict(state)
+    tail = [b.tolist() for b in resumed] + [b.tolist() for b in resumed]
+    assert head + tail == whole
+    assert isinstance(ShuffleSampler(rows), torch.utils.data.RandomSampler)  # Lightning shuffles it under DDP
+
+
+def test_train_loader_serves_one_rollout_per_optimizer_step(tiny_model):
+    from types import SimpleNamespace
+
+    data = GSM8K(num_train=40, num_val=4, batch_size=2, num_few_shot=0, max_prompt_length=1024,
+                 tokenizer_name_or_path=str(tiny_model))
+    data.setup("fit")
+    data.trainer = SimpleNamespace(accumulate_grad_batches=3, lightning_module=SimpleNamespace(
+        hparams={"num_iterations": 2}))
+    batches = [b["question"] for b in data.train_dataloader()]
+    assert len(batches) == (40 // 6) * 6  # 6 rollouts of 3 micro-batches x 2 prompts, each served 3 x 2 times
+    assert all(len(b) == 6 for b in batches)
+    assert all(batches[i] == batches[i + k] for i in range(0, len(batches), 6) for k in range(6))
+    # dynamic sampling's extra prompts are a function of the seed
+    assert data.draw(3, seed=5)["question"] == data.draw(3, seed=5)["question"]
+    assert data.draw(3, seed=5)["question"] != data.draw(3, seed=6)["question"]

@@ -1,0 +1,41 @@
+"""benchmarks/learning.py: its statistics, and one end-to-end run on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks import learning
+
+
+def test_only_model_and_data_options_reach_validation():
+    options = ["--model.loss_type", "dr_grpo", "--trainer.max_steps", "5", "--data.difficulty=[1,0,0]",
+               "--model.optimizer.init_args.lr", "1e-5"]
+    assert learning.model_and_data_options(options) == [
+        "--model.loss_type", "dr_grpo", "--data.difficulty=[1,0,0]", "--model.optimizer.init_args.lr", "1e-5"]
+
+
+def test_rates_and_paired_change_by_hand():
+    before = [{"question": str(i), "strict": i < 2} for i in range(4)]  # 2 of 4
+    after = [{"question": str(i), "strict": i < 3} for i in range(4)]  # 3 of 4: one problem flipped to right
+    assert learning.rate(before, "strict") == pytest.approx((0.5, math.sqrt(0.25 / 4)))
+    change, se = learning.paired_change(before, after, "strict")
+    # per-problem changes 0, 0, 1, 0: mean 1/4; sample variance (3 * 1/16 + 9/16) / 3 = 1/4, std 1/2; / sqrt(4)
+    assert change == pytest.approx(0.25) and se == pytest.approx(0.25)
+    with pytest.raises(SystemExit, match="differ"):
+        learning.paired_change(before, list(reversed(after)), "strict")
+
+
+def test_learning_runs_end_to_end_on_the_tiny_model(tiny_model, tmp_path):
+    report = learning.main(["--workdir", str(tmp_path), "--num-val", "200", "--",
+                            "--model.model_name_or_path", str(tiny_model), "--model.max_completion_length", "8",
+                            "--data.max_prompt_length", "1024", "--data.num_few_shot", "0",
+                            "--trainer.max_steps", "12"])
+    assert report["steps"] == 12
+    assert set(report["heldout"]) == {"format", "strict", "lenient"}
+    assert report["rewards"]["reward"]["first10"][0] >= 0
+    assert (tmp_path / "seed0" / "learning.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "seed0" / "results.json").read_text())["num_val"] == 200
+    assert list(tmp_path.glob("before-200-*.json"))  # the baseline is cached for the next seed
