@@ -245,7 +245,8 @@ class GRPO(LightningModule):
             extra = self.rollout(_to_device(datamodule.draw(missing, seed), self.device))
             extra_raw = self.score(extra)
             extra_informative = self._informative(extra_raw)
-            rollout, raw = _cat_rollouts(rollout, extra), torch.cat([raw, extra_raw], dim=1)
+            rollout = _cat_rollouts(rollout, extra, self.tokenizer.pad_token_id)
+            raw = torch.cat([raw, extra_raw], dim=1)
             informative = torch.cat([informative, extra_informative])
             dropped, drawn = dropped + int((~extra_informative).sum()), drawn + missing
         # informative groups first; if still short, top up with uninformative ones (they carry only the KL term)
@@ -438,9 +439,8 @@ def _trim(micro: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _cat_rollouts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+def _cat_rollouts(a: dict[str, Any], b: dict[str, Any], pad: int) -> dict[str, Any]:
     """Two rollouts as one: prompts left-padded, completions right-padded to common widths."""
-    pad = int(a["prompt_ids"][0, 0]) if not a["prompt_mask"][0, 0] else 0
 
     def left(x: Tensor, width: int, value: int) -> Tensor:
         return torch.nn.functional.pad(x, (width - x.size(1), 0), value=value)
