@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-REWARDS = ["xmlcount", "soft_format", "strict_format", "int", "correctness"]
-CURVES = [("rewards/" + n + "/mean", n) for n in REWARDS]
+MAX_SCORE = {"xmlcount": 0.5, "soft_format": 0.5, "strict_format": 0.5, "int": 0.5, "correctness": 2.0}
+CURVES = [("rewards/" + n + "/mean", n) for n in MAX_SCORE]
 
 
 def evaluate(num_val: int, options: list[str], ckpt: str | None = None) -> list[dict]:
@@ -80,22 +80,23 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
 
 
-def plot(scalars: dict, png: Path, title: str) -> None:
+def plot(scalars: dict, heldout: dict, png: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def smooth(points: list[tuple[int, float]], k: int = 5) -> tuple[list[int], list[float]]:
+    def smooth(points: list[tuple[int, float]], k: int = 5, scale: float = 1.0) -> tuple[list[int], list[float]]:
         steps, values = zip(*points)
-        out = [statistics.fmean(values[max(0, i - k + 1): i + 1]) for i in range(len(values))]
+        out = [statistics.fmean(values[max(0, i - k + 1): i + 1]) / scale for i in range(len(values))]
         return list(steps), out
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for tag, label in CURVES:
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    for tag, name in CURVES:
         if tag in scalars:
-            axes[0].plot(*smooth(scalars[tag]), label=label)
-    axes[0].set_title("reward components (mean per step, 5-step running mean)")
+            axes[0].plot(*smooth(scalars[tag], scale=MAX_SCORE[name]), label=name)
+    axes[0].set_title("reward components ÷ their maximum\n(training samples, 5-step running mean)")
+    axes[0].set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=8)
     if "completions/mean_length" in scalars:
         axes[1].plot(*zip(*scalars["completions/mean_length"]), alpha=0.3, color="C0")
@@ -104,13 +105,23 @@ def plot(scalars: dict, png: Path, title: str) -> None:
     if "kl" in scalars:
         axes[2].plot(*zip(*scalars["kl"]), color="C3")
     axes[2].set_title("kl (to the reference model)")
-    for ax in axes:
+    for ax in axes[:3]:
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
+    labels = {"format": "strict format", "strict": "accuracy\n(strict)", "lenient": "accuracy\n(lenient)"}
+    x = range(len(labels))
+    for offset, when, color in [(-0.2, "before", "C7"), (0.2, "after", "C2")]:
+        values = [heldout[k][when][0] for k in labels]
+        errors = [heldout[k][when][1] for k in labels]
+        axes[3].bar([i + offset for i in x], values, 0.4, yerr=errors, label=when, color=color, capsize=3)
+    axes[3].set_xticks(list(x), list(labels.values()))
+    axes[3].set_title("held-out, greedy (± standard error)")
+    axes[3].legend(fontsize=8)
+    axes[3].grid(alpha=0.3, axis="y")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=90)
+    fig.savefig(png, dpi=80)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -159,7 +170,7 @@ def run(args: argparse.Namespace, workdir: Path, run_dir: Path, png: Path) -> di
     cli = qmath_main(["fit", "--seed_everything", str(args.seed), "--trainer.limit_val_batches", "0",
                       "--trainer.enable_progress_bar", "false", *args.fit_options])
     fit_seconds = time.time() - start
-    log_dir = cli.trainer.logger.log_dir
+    log_dir = str(Path(cli.trainer.logger.log_dir).resolve())
     ckpt = str(Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt")
     after = evaluate(args.num_val, eval_options, ckpt)
 
@@ -187,9 +198,9 @@ def run(args: argparse.Namespace, workdir: Path, run_dir: Path, png: Path) -> di
     (run_dir / "results.json").write_text(json.dumps(report, indent=2))
     (run_dir / "after.json").write_text(json.dumps(after))
     acc, fmt = report["heldout"]["strict"], report["heldout"]["format"]
-    plot(scalars, png, f"embedded default, seed {args.seed}: held-out accuracy {acc['before'][0]:.1%} → "
-                       f"{acc['after'][0]:.1%} (n = {args.num_val}), strict format "
-                       f"{fmt['before'][0]:.1%} → {fmt['after'][0]:.1%}")
+    title = (f"seed {args.seed}, {steps} steps: held-out accuracy {acc['before'][0]:.1%} → {acc['after'][0]:.1%} "
+             f"(n = {args.num_val}), strict format {fmt['before'][0]:.1%} → {fmt['after'][0]:.1%}")
+    plot(scalars, report["heldout"], png, title)
     print(f"\ncurves: {png}\nresults: {run_dir / 'results.json'}")
     return report
 
