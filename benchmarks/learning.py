@@ -44,12 +44,21 @@ def evaluate(num_val: int, options: list[str], ckpt: str | None = None) -> list[
     return main(args).model.val_records
 
 
+# fit options that shape training only: greedy evaluation on the held-out set does not depend on them
+TRAINING_ONLY = ("--model.temperature", "--model.top_p", "--model.top_k", "--model.beta", "--model.epsilon",
+                 "--model.loss_type", "--model.scale_rewards", "--model.num_iterations", "--model.num_generations",
+                 "--model.mask_truncated_completions", "--model.dynamic_sampling", "--model.max_sampling_rounds",
+                 "--model.rewards", "--model.optimizer", "--model.lr_scheduler", "--model.gradient_checkpointing",
+                 "--data.difficulty", "--data.num_train", "--data.batch_size", "--data.num_workers")
+
+
 def model_and_data_options(options: list[str]) -> list[str]:
-    """The ``--model.*`` and ``--data.*`` options (``--k v`` or ``--k=v``) of a fit command line."""
+    """The ``--model.*`` and ``--data.*`` options (``--k v`` or ``--k=v``) of a fit command line that can change
+    greedy evaluation, so that the evaluation matches the run and the cached baseline is shared where it may be."""
     out, keep = [], False
     for option in options:
         if option.startswith("--"):
-            keep = option.startswith(("--model.", "--data."))
+            keep = option.startswith(("--model.", "--data.")) and not option.startswith(TRAINING_ONLY)
         if keep:
             out.append(option)
     return out
