@@ -152,12 +152,14 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = workdir / f"seed{args.seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     png = Path(args.png).resolve() if args.png else run_dir / "learning.png"
-    cwd = os.getcwd()
+    cwd, argv_before = os.getcwd(), sys.argv
     os.chdir(run_dir)  # the run's lightning_logs/ land here
+    sys.argv = sys.argv[:1]  # LightningCLI gets its arguments from us, not from this script's command line
     try:
         return run(args, workdir, run_dir, png)
     finally:
         os.chdir(cwd)
+        sys.argv = argv_before
 
 
 def run(args: argparse.Namespace, workdir: Path, run_dir: Path, png: Path) -> dict:

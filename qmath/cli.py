@@ -51,7 +51,7 @@ class QMathCLI(LightningCLI):
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
         # torch's AdamW default of 1e-3 wrecks a pretrained LM; default to the embedded run's settings instead.
         parser.set_defaults({"model.optimizer": {"class_path": "torch.optim.AdamW",
-                                                 "init_args": {"lr": 2e-5, "betas": [0.9, 0.99], "weight_decay": 0.0}}})
+                                                 "init_args": {"lr": 1e-5, "betas": [0.9, 0.99], "weight_decay": 0.0}}})
 
     def before_fit(self) -> None:
         trainer, model, data = self.trainer, self.model, self.datamodule

@@ -96,8 +96,8 @@ class GRPO(LightningModule):
         beta: float = 0.04,
         epsilon: float = 0.2,
         epsilon_high: float | None = None,
-        loss_type: LossType = "grpo",
-        scale_rewards: ScaleRewards = "group",
+        loss_type: LossType = "dr_grpo",
+        scale_rewards: ScaleRewards = "none",
         num_iterations: int = 1,
         mask_truncated_completions: bool = False,
         dynamic_sampling: bool = False,
@@ -153,13 +153,13 @@ class GRPO(LightningModule):
         if hp.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.policy.config.use_cache = False
-        if hp.beta != 0.0:
-            reference = load_model(hp.model_name_or_path, hp.trust_remote_code).eval().requires_grad_(False)
-            self.__dict__["_reference"] = reference
 
     def on_fit_start(self) -> None:
-        if self.reference is not None:
-            self.reference.to(self.device)
+        # Only training needs the reference; it is always the base weights, also when fit resumes a checkpoint.
+        hp = self.hparams
+        if hp.beta != 0.0 and self.reference is None:
+            reference = load_model(hp.model_name_or_path, hp.trust_remote_code).eval().requires_grad_(False)
+            self.__dict__["_reference"] = reference.to(self.device)
 
     # Sampling draws from the global RNGs, so a resumed run must continue their streams to repeat the trajectory.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -62,6 +62,8 @@ def test_fit_trains_logs_and_checkpoints(tiny_model, in_tmp):
     after = cli.model.policy.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) > len(before) // 2, f"only {changed} changed"
+    reference = cli.model.reference.state_dict()  # the frozen base weights, untouched by training
+    assert all(torch.equal(before[k], reference[k]) for k in before)
 
     logged = scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")
     for name in [f"rewards/{n}/mean" for n in [*REWARDS, "length"]] + [
@@ -98,6 +100,12 @@ def test_resume_continues_from_last(tiny_model, in_tmp):
     assert resumed.model.last_rollout["question"] == straight.model.last_rollout["question"]
     for a, b in zip(straight.model.policy.parameters(), resumed.model.policy.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_validate_loads_no_reference(tiny_model, in_tmp):
+    cli = main(["validate", "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model))])
+    assert cli.model.reference is None
+    assert len(cli.model.val_records) == 4 and {"strict", "lenient", "format"} <= set(cli.model.val_records[0])
 
 
 def test_beta_zero_loads_no_reference(tiny_model, in_tmp):
