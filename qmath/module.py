@@ -72,6 +72,8 @@ class GRPO(LightningModule):
         scale_rewards: divide advantages by the group's reward std (``group``), the whole step's (``batch``), or not
             at all (``none``, Dr. GRPO).
         num_iterations: optimizer steps per rollout (μ); above 1 the clip binds against the rollout's log-probs.
+            Completions per optimizer step = ``data.batch_size`` × ``num_generations`` ×
+            ``trainer.accumulate_grad_batches`` × devices × nodes, sampled once every ``num_iterations`` steps.
         mask_truncated_completions: completions cut off at ``max_completion_length`` count zero in the loss.
         dynamic_sampling: drop groups whose rewards all agree (no gradient) and refill the rollout with groups of
             further prompts (DAPO).
