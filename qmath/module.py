@@ -311,7 +311,7 @@ class GRPO(LightningModule):
         # micro-batch's loss by accumulate_grad_batches and DDP averages over ranks; both are undone here.
         accumulate = self.trainer.accumulate_grad_batches
         tokens = loss_mask.sum().float()
-        if self.trainer.world_size > 1:
+        if self.trainer.world_size > 1 and self.hparams.loss_type == "dapo":
             tokens = self.all_gather(tokens).sum()
         num_items = tokens / (accumulate * self.trainer.world_size)
         stats = rollout.pop("stats")
