@@ -19,6 +19,7 @@ Where this differs from the paper:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -212,12 +213,20 @@ class GRPO(LightningModule):
         mask, terminated = completion_mask(completion_ids, eos_ids)
         return completion_ids, mask, terminated
 
-    def rollout(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def rollout(self, batch: dict[str, Any], round_: int = 0) -> dict[str, Any]:
         """Sample ``num_generations`` completions per prompt; the G completions of a prompt are adjacent."""
         g = self.hparams.num_generations
         prompt_ids = batch["input_ids"].repeat_interleave(g, dim=0)
         prompt_mask = batch["attention_mask"].repeat_interleave(g, dim=0)
-        completion_ids, mask, terminated = self.generate(prompt_ids, prompt_mask)
+        # seed_everything gives every rank the same RNG stream, which would draw the same random numbers for
+        # different prompts on each rank. Sampling is seeded by (seed, step, rank, round) instead: independent
+        # across ranks, and a pure function of the step, so a resumed run samples exactly as before.
+        seed = ((int(os.environ.get("PL_GLOBAL_SEED", 0)) * 1_000_003 + self.trainer.global_step) * 1009
+                + self.global_rank) * 101 + round_
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            completion_ids, mask, terminated = self.generate(prompt_ids, prompt_mask)
         columns = {k: [v for v in values for _ in range(g)] for k, values in batch.items() if isinstance(values, list)}
         texts = self.decode(completion_ids, mask, columns.get("prefix"))
         return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
@@ -244,7 +253,7 @@ class GRPO(LightningModule):
                 break
             # a pure function of (step, rank, round), so a resumed run draws the same prompts
             seed = (self.trainer.global_step * 1_000_003 + self.global_rank) * 101 + round_
-            extra = self.rollout(_to_device(datamodule.draw(missing, seed), self.device))
+            extra = self.rollout(_to_device(datamodule.draw(missing, seed), self.device), round_ + 1)
             extra_raw = self.score(extra)
             extra_informative = self._informative(extra_raw)
             rollout = _cat_rollouts(rollout, extra, self.tokenizer.pad_token_id)
