@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 ScaleRewards = Literal["group", "batch", "none"]
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
@@ -54,6 +56,36 @@ def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.
         picked = rows.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
         out.append(picked - torch.logsumexp(rows, dim=-1))
     return torch.cat(out)
+
+
+def chunked_token_logps(
+    hidden: Tensor, weight: Tensor, index: Tensor, temperature: float = 1.0, bias: Tensor | None = None,
+    chunk_size: int = 512,
+) -> Tensor:
+    """``log_softmax((hidden @ weight.T + bias) / temperature)[..., index]``, ``[B, T]``, from hidden states.
+
+    ``hidden`` is ``[B, T, H]`` (the last hidden states), ``weight`` the ``[V, H]`` output embedding. The logits
+    exist for ``chunk_size`` tokens at a time only, never for the whole batch: a ``[B, T, V]`` tensor is the usual
+    out-of-memory in GRPO (8 x 512 tokens x 151,936 vocabulary is 2.5 GB in fp32, and log-softmax and its gradient
+    need more copies). With autograd on, each chunk is checkpointed, so backward recomputes one chunk's logits
+    instead of keeping them all.
+    """
+    flat, ids = hidden.reshape(-1, hidden.size(-1)), index.reshape(-1)
+    grad = torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad)
+    out = []
+    for h, i in zip(flat.split(chunk_size), ids.split(chunk_size)):
+        if grad:
+            out.append(checkpoint(_chunk_logps, h, weight, bias, i, temperature, use_reentrant=False))
+        else:
+            out.append(_chunk_logps(h, weight, bias, i, temperature))
+    return torch.cat(out).view(index.shape)
+
+
+def _chunk_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, temperature: float) -> Tensor:
+    logits = F.linear(hidden, weight, bias)
+    if temperature != 1.0:
+        logits = logits.div_(temperature)  # in place: linear's backward does not need its output
+    return logits.gather(-1, index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:

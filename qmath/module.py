@@ -30,7 +30,15 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from qmath.grpo import LossType, ScaleRewards, completion_mask, group_advantages, grpo_loss, selective_log_softmax
+from qmath.grpo import (
+    LossType,
+    ScaleRewards,
+    chunked_token_logps,
+    completion_mask,
+    group_advantages,
+    grpo_loss,
+    selective_log_softmax,
+)
 from qmath.models import EMBEDDED_MODEL, load_model, load_tokenizer
 from qmath.rewards import (
     Reward,
@@ -339,8 +347,14 @@ class GRPO(LightningModule):
         # Left padding shifts positions; derive them from the mask exactly as `generate` does.
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
         width = rollout["completion_ids"].size(1)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                  "use_cache": False}
+        if _head_is_linear(model):  # never materialise [B, T, V] logits: see chunked_token_logps
+            hidden = model.get_decoder()(**inputs).last_hidden_state[:, -width - 1:-1]
+            head = model.get_output_embeddings()
+            return chunked_token_logps(hidden, head.weight, rollout["completion_ids"], self.hparams.temperature,
+                                       head.bias)
+        logits = model(**inputs, logits_to_keep=width + 1).logits[:, :-1]
         return selective_log_softmax(logits, rollout["completion_ids"], self.hparams.temperature)
 
     def loss(self, micro: dict[str, Any]) -> Tensor:
@@ -410,6 +424,32 @@ class GRPO(LightningModule):
         if self.tokenizer.eos_token_id not in ids:
             ids.append(self.tokenizer.eos_token_id)
         return ids
+
+
+@torch.no_grad()
+def _head_is_linear(model: Any) -> bool:
+    """Whether the logits are exactly ``output_embeddings(decoder(x))``, checked once per model on four tokens.
+
+    Most causal LMs are; some scale or soft-cap the logits after the head (Gemma 2, Cohere), and those keep the
+    full-logits path.
+    """
+    if not hasattr(model, "_qmath_head_is_linear"):
+        head = model.get_output_embeddings()
+        scaled = any(getattr(model.config, a, None) not in (None, 1, 1.0)
+                     for a in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+        ok = isinstance(head, torch.nn.Linear) and model.get_decoder() is not model and not scaled
+        if ok:
+            was_training = model.training
+            model.eval()  # dropout would make the two paths differ
+            try:
+                ids = torch.arange(4, device=head.weight.device)[None] % head.out_features
+                logits = model(input_ids=ids, use_cache=False).logits
+                hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+                ok = torch.allclose(head(hidden), logits, rtol=1e-3, atol=1e-3)
+            finally:
+                model.train(was_training)
+        model._qmath_head_is_linear = ok
+    return model._qmath_head_is_linear
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -4,9 +4,11 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from qmath.grpo import (
     aggregate,
+    chunked_token_logps,
     clipped_surrogate,
     completion_mask,
     group_advantages,
@@ -187,3 +189,41 @@ def test_masked_mean_empty_rows_are_zero():
     values = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     assert masked_mean(values, torch.tensor([[1, 0], [0, 0]]), dim=1).tolist() == [1.0, 0.0]
     assert masked_mean(values, torch.tensor([[1, 1], [1, 0]])).item() == pytest.approx(2.0)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any aten op produces, forward and backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_token_logps_matches_full_logits_in_value_and_gradient(temperature):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 5, 3, requires_grad=True)
+    weight = torch.randn(50, 3, requires_grad=True)
+    bias = torch.randn(50, requires_grad=True)
+    index = torch.randint(0, 50, (3, 5))
+    upstream = torch.randn(3, 5)
+    full = torch.log_softmax((hidden @ weight.T + bias) / temperature, -1).gather(-1, index[..., None]).squeeze(-1)
+    expected = torch.autograd.grad((full * upstream).sum(), (hidden, weight, bias))
+    # 15 tokens in chunks of 4: the last chunk is short
+    with LargestTensor() as largest:
+        logps = chunked_token_logps(hidden, weight, index, temperature, bias, chunk_size=4)
+        grads = torch.autograd.grad((logps * upstream).sum(), (hidden, weight, bias))
+    torch.testing.assert_close(logps, full)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+    # one chunk's logits (4 x 50) are the largest tensor; the whole batch's (15 x 50) never exist
+    assert largest.numel == 4 * 50
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_token_logps(hidden, weight, index, temperature, bias, chunk_size=4), full)

@@ -1,0 +1,56 @@
+"""Per-token log-probs of a real (tiny) causal LM: from hidden states in chunks, equal to the full-logits path."""
+
+from __future__ import annotations
+
+import torch
+
+from qmath.module import GRPO, _head_is_linear
+from tests.test_grpo import LargestTensor
+
+
+def rollout(vocab: int, batch: int = 8, width: int = 96) -> dict:
+    torch.manual_seed(0)
+    prompt_mask = torch.ones(batch, 5, dtype=torch.long)
+    prompt_mask[0, :2] = 0  # left padding
+    mask = torch.ones(batch, width, dtype=torch.long)
+    mask[1, 40:] = 0  # a completion that ended early
+    return {"prompt_ids": torch.randint(3, vocab, (batch, 5)), "prompt_mask": prompt_mask,
+            "completion_ids": torch.randint(3, vocab, (batch, width)), "mask": mask}
+
+
+def full_logits_logps(module: GRPO, model, r: dict) -> torch.Tensor:
+    ids = torch.cat([r["prompt_ids"], r["completion_ids"]], 1)
+    attention = torch.cat([r["prompt_mask"], r["mask"]], 1)
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(1) - 1).clamp(min=0),
+                   use_cache=False).logits[:, -r["completion_ids"].size(1) - 1:-1]
+    return torch.log_softmax(logits / module.hparams.temperature, -1).gather(
+        -1, r["completion_ids"][..., None]).squeeze(-1)
+
+
+def test_logps_from_hidden_states_equal_full_logits_and_never_hold_them(tiny_model):
+    module = GRPO(model_name_or_path=str(tiny_model), temperature=0.7)
+    module.configure_model()
+    vocab = module.policy.config.vocab_size
+    r = rollout(vocab)
+    assert _head_is_linear(module.policy)
+    expected = full_logits_logps(module, module.policy, r)
+    with LargestTensor() as largest:
+        logps = module.token_logps(module.policy, r)
+        logps.sum().backward()
+    torch.testing.assert_close(logps, expected, rtol=1e-4, atol=1e-4)
+    # 8 x 96 completion tokens: the largest tensor is a 512-token chunk of logits, not the batch's 768 x vocab
+    assert largest.numel == 512 * vocab
+
+
+def test_soft_capped_logits_keep_the_full_logits_path(tmp_path):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=1.0)
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(config)
+    torch.nn.init.normal_(model.model.embed_tokens.weight, std=3.0)  # logits big enough for the cap to bite
+    module = GRPO(temperature=0.7)
+    r = rollout(64, batch=2, width=6)
+    assert not _head_is_linear(model)
+    torch.testing.assert_close(module.token_logps(model, r), full_logits_logps(module, model, r))
