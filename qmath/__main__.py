@@ -6,6 +6,7 @@ import sys
 
 from lightning.pytorch.cli import ArgsType
 
+from qmath.callbacks import EndAllRanksOnException
 from qmath.cli import QMathCLI, resolve_args
 from qmath.data import GSM8K
 from qmath.module import GRPO
@@ -22,7 +23,7 @@ def main(args: ArgsType = None) -> QMathCLI:
         GSM8K,
         args=args,
         seed_everything_default=0,
-        trainer_defaults={"precision": "32-true", "log_every_n_steps": 1},
+        trainer_defaults={"precision": "32-true", "log_every_n_steps": 1, "callbacks": [EndAllRanksOnException()]},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )

@@ -1,4 +1,4 @@
-"""Callbacks that show what the policy writes."""
+"""Callbacks: what the policy writes, and ending a distributed job when one rank fails."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_signal
 
 
 class LogCompletions(Callback):
@@ -44,3 +46,18 @@ class LogCompletions(Callback):
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+class EndAllRanksOnException(Callback):
+    """When the process that launched the other ranks fails, kill them instead of leaving them to wait for it.
+
+    Lightning already ends the job when a launched rank dies (its process observer), but not when the launching
+    rank (rank 0) raises: the others then wait in a collective for a peer that is gone, which on NCCL lasts until
+    the process-group timeout (30 minutes). Jobs started by torchrun or SLURM are ended by those launchers instead.
+    Added to every run by ``python -m qmath``.
+    """
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        launcher = trainer.strategy.launcher
+        if isinstance(launcher, _SubprocessScriptLauncher) and launcher.procs:
+            launcher.kill(_get_sigkill_signal())

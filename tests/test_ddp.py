@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning import Callback
+from transformers import GenerationConfig
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, make_tiny_model
 from tests.test_fit import scalars, tiny_config
+
+DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+SMALL = ["--model.num_generations", "4", "--data.batch_size", "2", "--trainer.callbacks+", "tests.test_ddp.RecordRanks"]
 
 
 class RecordRanks(Callback):
@@ -31,32 +38,127 @@ class RecordRanks(Callback):
         Path(f"ranks-{trainer.global_rank}.json").write_text(json.dumps({"steps": self.steps, "checksum": checksum}))
 
 
-def test_ddp_ranks_split_prompts_sync_metrics_and_stay_identical(tiny_model, in_tmp):
-    config = tiny_config(in_tmp, tiny_model)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = ["fit", "--config", "cpu", "--config", str(config), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-            "--trainer.strategy", "ddp", "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
-            "--model.num_generations", "4", "--data.batch_size", "2", "--trainer.callbacks+",
-            "tests.test_ddp.RecordRanks"]
-    run = subprocess.run([sys.executable, "-m", "qmath", *args], cwd=in_tmp, env=env, capture_output=True, text=True,
-                         timeout=600)
+def boom_reward(completions, **_):
+    """Raises on the rank named by QMATH_TEST_FAIL_RANK, at the second step, after noting the time."""
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    calls = boom_reward.calls = getattr(boom_reward, "calls", 0) + 1
+    if rank == int(os.environ["QMATH_TEST_FAIL_RANK"]) and calls == 2:
+        Path("raised-at").write_text(str(time.time()))
+        raise ZeroDivisionError(f"boom on rank {rank}")
+    return [0.0] * len(completions)
+
+
+def fit(cwd: Path, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m qmath fit ARGS` in ``cwd``; the whole process group is killed if it outlives ``timeout``."""
+    proc = subprocess.Popen([sys.executable, "-m", "qmath", "fit", *args], cwd=cwd, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)  # returns once every rank has closed the pipes
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"the job hung for {timeout} s")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def ranks(directory: Path) -> list[dict]:
+    return [json.loads((directory / f"ranks-{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_model, tmp_path_factory) -> Path:
+    """Three optimizer steps on two ranks, a checkpoint after each."""
+    directory = tmp_path_factory.mktemp("ddp")
+    run = fit(directory, "--config", "cpu", "--config", str(tiny_config(directory, tiny_model)), *DDP, *SMALL,
+              "--trainer.max_steps", "3", "--trainer.val_check_interval", "3")
     assert run.returncode == 0, run.stderr[-3000:]
-    ranks = [json.loads((in_tmp / f"ranks-{r}.json").read_text()) for r in (0, 1)]
+    return directory
+
+
+def test_ddp_ranks_split_prompts_sync_metrics_and_stay_identical(ddp_run):
+    records = ranks(ddp_run)
     for step in range(3):
-        questions = [r["steps"][step]["question"] for r in ranks]
+        questions = [r["steps"][step]["question"] for r in records]
         # a group's 4 completions share one prompt, on one rank; the ranks' prompts are disjoint
         for q in questions:
             assert len(q) == 8 and q[0:4] == [q[0]] * 4 and q[4:8] == [q[4]] * 4
         assert not set(questions[0]) & set(questions[1])
-    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-6, abs=1e-6)
+    assert records[0]["checksum"] == pytest.approx(records[1]["checksum"], rel=1e-6, abs=1e-6)
     # the logged reward is the mean over both ranks, not rank 0's
-    logged = dict(scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")["reward"])
-    means = [[sum(r["steps"][s]["reward"]) / 8 for s in range(3)] for r in ranks]
+    logged = dict(scalars(ddp_run / "lightning_logs" / "cpu" / "version_0")["reward"])
+    means = [[sum(r["steps"][s]["reward"]) / 8 for s in range(3)] for r in records]
     assert means[0] != means[1]  # otherwise rank 0's value would pass for the global mean
     for step in range(3):
-        both = [x for r in ranks for x in r["steps"][step]["reward"]]
+        both = [x for r in records for x in r["steps"][step]["reward"]]
         assert logged[step] == pytest.approx(sum(both) / len(both), rel=1e-5)
     # one run's logs and checkpoints, written by rank 0 only
-    assert sorted(p.name for p in (in_tmp / "lightning_logs" / "cpu").iterdir()) == ["checkpoints", "version_0"]
-    assert torch.load(in_tmp / "lightning_logs" / "cpu" / "checkpoints" / "last.ckpt", weights_only=True)[
+    assert sorted(p.name for p in (ddp_run / "lightning_logs" / "cpu").iterdir()) == ["checkpoints", "version_0"]
+    assert sorted(p.name for p in (ddp_run / "lightning_logs" / "cpu" / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert torch.load(ddp_run / "lightning_logs" / "cpu" / "checkpoints" / "last.ckpt", weights_only=True)[
         "global_step"] == 3
+
+
+def test_ddp_resume_repeats_the_uninterrupted_run(ddp_run, tiny_model, in_tmp):
+    args = ["--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)), *DDP, *SMALL,
+            "--trainer.val_check_interval", "3"]
+    first = fit(in_tmp, *args, "--trainer.max_steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = fit(in_tmp, *args, "--trainer.max_steps", "3", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    uninterrupted, after = ranks(ddp_run), ranks(in_tmp)
+    for rank in (0, 1):  # each rank's third step: the same prompts, the same samples, the same weights after
+        assert after[rank]["steps"] == uninterrupted[rank]["steps"][2:]
+        assert after[rank]["checksum"] == pytest.approx(uninterrupted[rank]["checksum"], rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_an_exception_on_one_rank_ends_the_job_within_seconds(tiny_model, in_tmp, failing_rank):
+    config = yaml.safe_load(tiny_config(in_tmp, tiny_model).read_text())
+    config["model"]["rewards"].append({"class_path": "qmath.rewards.FunctionReward",
+                                       "init_args": {"function": "tests.test_ddp.boom_reward", "name": "boom"}})
+    (in_tmp / "boom.yaml").write_text(yaml.safe_dump(config))
+    run = fit(in_tmp, "--config", "cpu", "--config", "boom.yaml", *DDP, "--trainer.max_steps", "4",
+              env={"QMATH_TEST_FAIL_RANK": str(failing_rank)}, timeout=300)
+    ended = time.time()
+    assert run.returncode != 0
+    assert f"reward 'boom' raised ZeroDivisionError: boom on rank {failing_rank}" in run.stderr
+    # the other rank waits in a collective for the failed one; it must not wait there for the 30-minute timeout
+    gap = ended - float((in_tmp / "raised-at").read_text())
+    print(f"rank {failing_rank} raised; the job ended {gap:.1f} s later, exit code {run.returncode}")
+    assert gap < 30
+
+
+def test_the_t4x2_config_runs_with_only_model_data_and_accelerator_overridden(tmp_path):
+    """configs/t4x2.yaml as shipped: 2-process DDP, 400 steps, validation, checkpoints, LogCompletions."""
+    model = make_tiny_model(tmp_path / "model")
+    # the tiny model ends every answer at once (an EOS bias in its generation config): 512-token answers from a
+    # random model would make this a long test without proving more about the distributed section
+    generation = GenerationConfig.from_pretrained(model)
+    generation.sequence_bias = [[[generation.eos_token_id], 100.0]]
+    generation.save_pretrained(model)
+    run = fit(tmp_path, "--config", str(ROOT / "configs" / "t4x2.yaml"), "--model.model_name_or_path", str(model),
+              "--data.path", "synthetic", "--trainer.accelerator", "cpu", timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "x 2 device(s) = 16 completions per optimizer step" in run.stdout
+    logs = tmp_path / "lightning_logs" / "t4x2"
+    assert sorted(p.name for p in logs.iterdir()) == ["checkpoints", "version_0"]
+    assert torch.load(logs / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 400
+    logged = scalars(logs / "version_0")
+    assert [s for s, _ in logged["val/accuracy_strict"]] == [99, 199, 299, 399]
+    assert len(logged["reward"]) == 400
+
+
+def test_a_failing_launcher_kills_ranks_that_would_wait_for_it():
+    """What NCCL does to a rank whose peer died (waits for the timeout) is played here by a sleeping process."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    from qmath.callbacks import EndAllRanksOnException
+
+    launcher = _SubprocessScriptLauncher.__new__(_SubprocessScriptLauncher)
+    launcher.procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])]
+    trainer = SimpleNamespace(strategy=SimpleNamespace(launcher=launcher))
+    EndAllRanksOnException().on_exception(trainer, None, RuntimeError("rank 0 failed"))
+    assert launcher.procs[0].wait(timeout=10) == -signal.SIGKILL
