@@ -99,3 +99,20 @@ def test_code_defaults_match_the_embedded_config(in_tmp):
     expected = cpu["model"]["optimizer"]["init_args"]
     assert optimizer.defaults["lr"] == expected["lr"] and list(optimizer.defaults["betas"]) == expected["betas"]
     assert optimizer.defaults["weight_decay"] == expected["weight_decay"]
+
+
+def test_fsdp_strategy_instantiates_as_written():
+    """Lightning and torch refuse FSDP without a GPU, so the strategy is built on its own, from the file."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    raw = yaml.safe_load(Path(resolve_config("fsdp.yaml")).read_text())
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=FSDPStrategy)
+    strategy = parser.instantiate_classes(parser.parse_object({"strategy": raw["trainer"]["strategy"]})).strategy
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Qwen2DecoderLayer}
+    assert strategy.sharding_strategy.name == "FULL_SHARD" and strategy.cpu_offload.offload_params
+    assert strategy._state_dict_type == "sharded"
+    assert raw["model"]["model_name_or_path"] == "Qwen/Qwen2.5-1.5B-Instruct" and raw["model"]["beta"] == 0.0
