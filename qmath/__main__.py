@@ -1,19 +1,24 @@
-"""``python -m qmath {fit,validate} --config t4x2.yaml``: GRPO on GSM8K through LightningCLI."""
+"""``python -m qmath {fit,validate} --config t4x2.yaml``: GRPO on GSM8K through LightningCLI; ``export`` a policy."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from lightning.pytorch.cli import ArgsType
 
+from qmath import export
 from qmath.callbacks import EndAllRanksOnException
 from qmath.cli import QMathCLI, resolve_args
 from qmath.data import GSM8K
 from qmath.module import GRPO
 
 
-def main(args: ArgsType = None) -> QMathCLI:
+def main(args: ArgsType = None) -> QMathCLI | Path:
     """Build and run the CLI; ``args`` as on the command line (``None``: ``sys.argv[1:]``)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["export"]:  # not a Trainer method, so not a LightningCLI subcommand
+        return export.main(argv[1:])
     if args is None:  # keep sys.argv as the one source, as LightningCLI expects
         sys.argv[1:] = resolve_args(sys.argv[1:])
     else:
