@@ -19,6 +19,8 @@ Where this differs from the paper:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -172,21 +174,51 @@ class GRPO(LightningModule):
             reference = load_model(hp.model_name_or_path, hp.trust_remote_code).eval().requires_grad_(False)
             self.__dict__["_reference"] = reference.to(self.device)
 
-    # Sampling draws from the global RNGs, so a resumed run must continue their streams to repeat the trajectory.
+    # Sampling is seeded per step, but anything else random (dropout, a user's reward) draws from the global RNGs,
+    # so a resumed run restores them too.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = _collect_rng_states(include_cuda=torch.cuda.is_available())
         kind, keys, *rest = states["numpy"]  # a numpy array would need weights_only=False to load
         states["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), *rest)
         checkpoint["qmath_rng_states"] = states
+        checkpoint["qmath_base"] = self._base_identity()
         if self.hparams.num_iterations > 1:  # a checkpoint may fall between the μ steps that reuse one rollout
             checkpoint["qmath_rollout"] = [_to_cpu(m) for m in self.micro_batches]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_base(checkpoint)
         self._rng_states = checkpoint.get("qmath_rng_states")
         if self._rng_states:
             kind, keys, *rest = self._rng_states["numpy"]
             self._rng_states["numpy"] = (kind, keys.numpy().astype("uint32"), *rest)
         self.micro_batches = checkpoint.get("qmath_rollout", [])
+
+    def _base_identity(self) -> dict[str, Any]:
+        """What a checkpoint's weights only fit: the base model's name and its tokenizer's vocabulary."""
+        if "_base_cache" not in self.__dict__:
+            vocab = json.dumps(sorted(self.tokenizer.get_vocab().items()))
+            self.__dict__["_base_cache"] = {"model_name_or_path": self.hparams.model_name_or_path,
+                                               "vocab_size": len(self.tokenizer),
+                                               "vocab_sha1": hashlib.sha1(vocab.encode()).hexdigest()}
+        return self.__dict__["_base_cache"]
+
+    def _check_base(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another base model or vocabulary before it is loaded into this one."""
+        own = {k: v.shape for k, v in self.state_dict().items()}
+        theirs = {k: v.shape for k, v in checkpoint.get("state_dict", {}).items()}
+        saved, current = checkpoint.get("qmath_base"), self._base_identity()
+        if saved and saved != current:
+            differ = ", ".join(f"{k} {v!r} (now {current.get(k)!r})" for k, v in saved.items() if v != current.get(k))
+        elif own != theirs:
+            shapes = [k for k in own.keys() & theirs.keys() if own[k] != theirs[k]]
+            differ = f"{len(shapes)} weight shapes and {len(own.keys() ^ theirs.keys())} weight names differ"
+        else:
+            return
+        raise ValueError(
+            f"the checkpoint was trained from another base model or vocabulary: {differ}. Resume it with the "
+            f"--model.model_name_or_path it was trained from ({(saved or {}).get('model_name_or_path', 'unknown')}), "
+            "or start a new run without --ckpt_path"
+        )
 
     def on_train_start(self) -> None:
         if getattr(self, "_rng_states", None):
