@@ -9,6 +9,7 @@ from lightning.pytorch.cli import ArgsType
 
 from qmath import export
 from qmath.callbacks import EndAllRanksOnException
+from qmath.checkpointing import CheckpointOnSignal
 from qmath.cli import QMathCLI, resolve_args
 from qmath.data import GSM8K
 from qmath.module import GRPO
@@ -28,7 +29,8 @@ def main(args: ArgsType = None) -> QMathCLI | Path:
         GSM8K,
         args=args,
         seed_everything_default=0,
-        trainer_defaults={"precision": "32-true", "log_every_n_steps": 1, "callbacks": [EndAllRanksOnException()]},
+        trainer_defaults={"precision": "32-true", "log_every_n_steps": 1,
+                          "callbacks": [EndAllRanksOnException(), CheckpointOnSignal()]},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )

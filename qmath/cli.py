@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from lightning import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from qmath.checkpointing import use_atomic_checkpoints
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"  # in an installed wheel
 SOURCE_CONFIGS = Path(__file__).parents[1] / "configs"  # in a source checkout or editable install
@@ -45,13 +49,18 @@ def resolve_args(args: list[str]) -> list[str]:
 
 
 class QMathCLI(LightningCLI):
-    """LightningCLI with the tokenizer linked to the model, and the batch meaning printed at start."""
+    """LightningCLI with the tokenizer linked to the model, atomic checkpoints, and the batch size printed at start."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
         # torch's AdamW default of 1e-3 wrecks a pretrained LM; default to the embedded run's settings instead.
         parser.set_defaults({"model.optimizer": {"class_path": "torch.optim.AdamW",
                                                  "init_args": {"lr": 1e-5, "betas": [0.9, 0.99], "weight_decay": 0.0}}})
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoints(trainer)
+        return trainer
 
     def before_fit(self) -> None:
         trainer, model, data = self.trainer, self.model, self.datamodule

@@ -1,15 +1,30 @@
-"""Resuming: a checkpoint only loads into the model it was trained from."""
+"""Resuming: exactly, after a signal or a kill -9, and only into the model a checkpoint was trained from."""
 
 from __future__ import annotations
 
+import io
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from lightning import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from qmath.__main__ import main
-from tests.test_fit import tiny_config
+from qmath.checkpointing import AtomicCheckpointIO, CheckpointOnSignal
+from qmath.cli import QMathCLI, resolve_args
+from qmath.data import GSM8K
+from qmath.module import GRPO
+from tests.conftest import ROOT
+from tests.test_fit import scalars, tiny_config
 
 LAST = ("lightning_logs", "cpu", "checkpoints", "last.ckpt")
 
@@ -41,3 +56,92 @@ def test_a_checkpoint_with_other_weight_shapes_is_refused(tiny_model, in_tmp):
     with pytest.raises(ValueError, match="weight shapes"):
         main(["fit", "--config", "cpu", "--config", config, "--model.model_name_or_path", str(wider),
               "--trainer.max_steps", "2", "--ckpt_path", "last"])
+
+
+class SignalAt(Callback):
+    """Sends this process ``signum`` at the end of optimizer step 3, as a scheduler or SLURM would."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == 3:
+            os.kill(os.getpid(), self.signum)
+
+
+def rewards_by_step(log_dir: Path) -> dict[int, float]:
+    return dict(scalars(log_dir)["reward"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_saves_last_and_the_resumed_run_repeats_the_uninterrupted_one(tiny_model, in_tmp, signum):
+    path = tiny_config(in_tmp, tiny_model)
+    config = yaml.safe_load(path.read_text())
+    config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 100  # the only last.ckpt: the signal's
+    path.write_text(yaml.safe_dump(config))
+    config = str(path)
+    six = ["--trainer.max_steps", "6", "--trainer.val_check_interval", "6"]
+    straight = main(["fit", "--config", "cpu", "--config", config, *six, "--trainer.logger.init_args.name", "once"])
+    cli = QMathCLI(GRPO, GSM8K, args=resolve_args(["fit", "--config", "cpu", "--config", config, *six])[1:], run=False,
+                   trainer_defaults={"callbacks": [CheckpointOnSignal(), SignalAt(signum)]})
+    with pytest.raises(SIGTERMException):
+        cli.trainer.fit(cli.model, cli.datamodule)
+    assert torch.load(in_tmp.joinpath(*LAST), weights_only=True)["global_step"] == 3
+    resumed = main(["fit", "--config", "cpu", "--config", config, *six, "--ckpt_path", "last"])
+    for a, b in zip(straight.model.policy.parameters(), resumed.model.policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    once = rewards_by_step(in_tmp / "lightning_logs" / "once" / "version_0")
+    stopped = rewards_by_step(in_tmp / "lightning_logs" / "cpu" / "version_0")
+    after = rewards_by_step(in_tmp / "lightning_logs" / "cpu" / "version_1")
+    assert sorted(stopped) == [0, 1, 2] and sorted(after) == [3, 4, 5]
+    assert {**stopped, **after} == pytest.approx(once, rel=1e-5)  # every step's logged reward, as if never stopped
+
+
+class SlowSecondSave(Callback):
+    """Makes the second checkpoint write stall halfway, leaving time to kill the process during it."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        trainer.strategy.checkpoint_io = SlowAtomicCheckpointIO()
+
+
+class SlowAtomicCheckpointIO(AtomicCheckpointIO):
+    saves = 0
+
+    def _write(self, checkpoint, tmp) -> None:
+        SlowAtomicCheckpointIO.saves += 1
+        if SlowAtomicCheckpointIO.saves < 2:
+            return super()._write(checkpoint, tmp)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getvalue()[: buffer.tell() // 2])
+            f.flush()
+            Path("writing").touch()
+            time.sleep(120)
+
+
+def test_kill_9_during_a_checkpoint_write_leaves_the_previous_last_loadable(tiny_model, in_tmp):
+    config = str(tiny_config(in_tmp, tiny_model))
+    three = ["--trainer.max_steps", "3", "--trainer.val_check_interval", "3"]
+    proc = subprocess.Popen([sys.executable, "-m", "qmath", "fit", "--config", "cpu", "--config", config, *three,
+                             "--trainer.callbacks+", "tests.test_resume.SlowSecondSave"], cwd=in_tmp,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while not (in_tmp / "writing").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "the second checkpoint write never started"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    checkpoints = in_tmp / "lightning_logs" / "cpu" / "checkpoints"
+    assert [p.name for p in checkpoints.glob(".last.ckpt.*.tmp")]  # the half-written file is there ...
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 1  # ... and last.ckpt intact
+    resumed = main(["fit", "--config", "cpu", "--config", config, *three, "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == 3
+    assert not list(checkpoints.glob(".last.ckpt.*.tmp"))  # cleared by the next save
+    straight = main(["fit", "--config", "cpu", "--config", config, *three, "--trainer.logger.init_args.name", "once"])
+    for a, b in zip(straight.model.policy.parameters(), resumed.model.policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
