@@ -198,8 +198,8 @@ class GRPO(LightningModule):
         if "_base_cache" not in self.__dict__:
             vocab = json.dumps(sorted(self.tokenizer.get_vocab().items()))
             self.__dict__["_base_cache"] = {"model_name_or_path": self.hparams.model_name_or_path,
-                                               "vocab_size": len(self.tokenizer),
-                                               "vocab_sha1": hashlib.sha1(vocab.encode()).hexdigest()}
+                                            "vocab_size": len(self.tokenizer),
+                                            "vocab_sha1": hashlib.sha1(vocab.encode()).hexdigest()}
         return self.__dict__["_base_cache"]
 
     def _check_base(self, checkpoint: dict[str, Any]) -> None:

@@ -8,7 +8,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import yaml
 
+from qmath.__main__ import main
 from qmath.models import embedded_gguf, resolve
 from tests.conftest import ROOT
 from tests.test_fit import scalars
@@ -37,3 +40,24 @@ def test_embedded_default_runs_one_step_through_the_cli(in_tmp):
     assert 0 < logged["completions/mean_length"][0][1] <= 48
     assert "val/format_rate" in logged
     assert (in_tmp / "lightning_logs" / "cpu" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_embedded_default_resumes_exactly(in_tmp):
+    """3 steps in one go, and 2 steps + `--ckpt_path last` + 1: the same weights and the same logged rewards."""
+    config = yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())
+    callbacks = config["trainer"]["callbacks"]
+    callbacks[0]["init_args"]["every_n_train_steps"] = 1
+    (in_tmp / "every-step.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+    args = ["fit", "--config", "cpu", "--config", "every-step.yaml", "--trainer.val_check_interval", "3",
+            "--data.num_train", "20", "--data.num_val", "2", "--model.max_completion_length", "32",
+            "--trainer.enable_progress_bar", "false"]
+    straight = main([*args, "--trainer.max_steps", "3", "--trainer.logger.init_args.name", "once"])
+    main([*args, "--trainer.max_steps", "2"])
+    resumed = main([*args, "--trainer.max_steps", "3", "--ckpt_path", "last"])
+    for a, b in zip(straight.model.policy.parameters(), resumed.model.policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    once = dict(scalars(in_tmp / "lightning_logs" / "once" / "version_0")["reward"])
+    split = {**dict(scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")["reward"]),
+             **dict(scalars(in_tmp / "lightning_logs" / "cpu" / "version_1")["reward"])}
+    assert sorted(once) == sorted(split) == [0, 1, 2]
+    assert split == pytest.approx(once, rel=1e-5)

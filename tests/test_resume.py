@@ -145,3 +145,17 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_last_loadable(tiny
     straight = main(["fit", "--config", "cpu", "--config", config, *three, "--trainer.logger.init_args.name", "once"])
     for a, b in zip(straight.model.policy.parameters(), resumed.model.policy.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_after_a_resume_the_reference_is_the_base_model(tiny_model, in_tmp):
+    from transformers import AutoModelForCausalLM
+
+    config = str(tiny_config(in_tmp, tiny_model))
+    main(["fit", "--config", "cpu", "--config", config, "--trainer.max_steps", "2"])
+    resumed = main(["fit", "--config", "cpu", "--config", config, "--trainer.max_steps", "3", "--ckpt_path", "last"])
+    module, micro = resumed.model, resumed.model.micro_batches[0]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        expected = module.token_logps(base, micro)
+        torch.testing.assert_close(module.token_logps(module.reference, micro), expected, rtol=0, atol=0)
+        assert not torch.allclose(module.token_logps(module.policy, micro), expected)  # the policy did move
