@@ -30,7 +30,7 @@ def main(args: ArgsType = None) -> QMathCLI | Path:
         args=args,
         seed_everything_default=0,
         trainer_defaults={"precision": "32-true", "log_every_n_steps": 1,
-                          "callbacks": [EndAllRanksOnException(), CheckpointOnSignal()]},
+                          "callbacks": [CheckpointOnSignal(), EndAllRanksOnException()]},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )

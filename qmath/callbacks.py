@@ -8,6 +8,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_signal
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class LogCompletions(Callback):
@@ -58,6 +59,8 @@ class EndAllRanksOnException(Callback):
     """
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):  # every rank stops at the same step, after saving: no hang
+            return
         launcher = trainer.strategy.launcher
         if isinstance(launcher, _SubprocessScriptLauncher) and launcher.procs:
             launcher.kill(_get_sigkill_signal())

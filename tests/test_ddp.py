@@ -162,3 +162,32 @@ def test_a_failing_launcher_kills_ranks_that_would_wait_for_it():
     trainer = SimpleNamespace(strategy=SimpleNamespace(launcher=launcher))
     EndAllRanksOnException().on_exception(trainer, None, RuntimeError("rank 0 failed"))
     assert launcher.procs[0].wait(timeout=10) == -signal.SIGKILL
+
+
+class SigtermRank0(Callback):
+    """SIGTERM to rank 0 only (the process a user or scheduler signals) at the end of step 2."""
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == 2 and trainer.global_rank == 0:
+            Path("signalled-at").write_text(str(time.time()))
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_ddp_sigterm_saves_on_all_ranks_and_resumes(ddp_run, tiny_model, in_tmp):
+    path = tiny_config(in_tmp, tiny_model)
+    config = yaml.safe_load(path.read_text())
+    config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 100  # the only last.ckpt: the signal's
+    path.write_text(yaml.safe_dump(config))
+    args = ["--config", "cpu", "--config", str(path), *DDP, *SMALL, "--trainer.val_check_interval", "3"]
+    stopped = fit(in_tmp, *args, "--trainer.max_steps", "3", "--trainer.callbacks+", "tests.test_ddp.SigtermRank0",
+                  timeout=300)
+    ended = time.time()
+    assert ended - float((in_tmp / "signalled-at").read_text()) < 30, stopped.stderr[-3000:]
+    checkpoint = torch.load(in_tmp / "lightning_logs" / "cpu" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 2
+    resumed = fit(in_tmp, *args, "--trainer.max_steps", "3", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    uninterrupted, after = ranks(ddp_run), ranks(in_tmp)
+    for rank in (0, 1):
+        assert after[rank]["steps"] == uninterrupted[rank]["steps"][2:]
+        assert after[rank]["checksum"] == pytest.approx(uninterrupted[rank]["checksum"], rel=1e-6, abs=1e-6)
