@@ -12,9 +12,11 @@ model almost never samples EOS, so every completion runs to ``max_completion_len
 It measures the last of ``--steps`` optimizer steps (the first one creates AdamW's state, so it is not the steady
 state) phase by phase: on CUDA ``torch.cuda.max_memory_allocated``, on CPU the process's peak RSS, sampled every
 2 ms. On CPU, AdamW runs with ``foreach=True``, as it does by default on CUDA, so that its temporary copies count.
-The estimated T4 process peak adds the CUDA context (not in ``max_memory_allocated``) to the step's peak; on CPU
-it is the step's peak RSS minus the RSS before the models were loaded (Python, torch and the other libraries,
-which a CUDA process keeps in host memory).
+The estimated T4 process peak adds the CUDA context (not in ``max_memory_allocated``) to the step's peak. On CPU
+it is built from tensors instead: weights + reference + AdamW states + gradients (their exact sizes) + the step's
+dynamic memory at its peak (the RSS increase over the step's start). The peak RSS itself overstates GPU memory:
+at the step's start it already holds more than those tensors and the libraries (memory glibc keeps after the
+previous step's frees, the memory-mapped checkpoint), which the table shows as "unattributed".
 """
 
 from __future__ import annotations
@@ -258,9 +260,13 @@ def report(args: argparse.Namespace, device: torch.device, probe: Probe, seen: d
     peak = phases[peak_phase]["peak"]
     static = marks["weights"] + marks["reference"] + marks["optimizer states"]
     base = marks["step start"]  # weights, reference and AdamW states (+ libraries on CPU); no gradients
-    estimate = (peak - libraries) / GiB + CUDA_CONTEXT_GIB
     # from backward on, the gradients are live too; they have their own row
     grads = marks["gradients"] if peak_phase in ("backward", "optimizer step") else 0
+    dynamic = peak - base - grads
+    if device.type == "cuda":
+        estimate = peak / GiB + CUDA_CONTEXT_GIB
+    else:
+        estimate = (static + grads + dynamic) / GiB + CUDA_CONTEXT_GIB
     head = phases["policy forward"]
     lengths = seen["completion_lengths"]
     result = {
@@ -270,7 +276,9 @@ def report(args: argparse.Namespace, device: torch.device, probe: Probe, seen: d
         "weights": marks["weights"] / GiB, "reference": marks["reference"] / GiB,
         "optimizer_states": marks["optimizer states"] / GiB, "gradients": marks["gradients"] / GiB,
         "step_start": base / GiB, "libraries": libraries / GiB,
-        "activations_and_logits": (peak - base - grads) / GiB, "policy_forward_increase": (head["peak"] - base) / GiB,
+        "activations_and_logits": dynamic / GiB,
+        "unattributed_at_step_start": (base - libraries - static) / GiB if device.type == "cpu" else 0.0,
+        "policy_forward_increase": (head["peak"] - base) / GiB,
         "peak_phase": peak_phase, "peak": peak / GiB, "estimated_t4_process_peak": estimate,
         "static": static / GiB, "phases": phases, "step_seconds": marks["step seconds"],
         "loss_seconds": phases["policy forward"]["seconds"] + phases["backward"]["seconds"]
@@ -284,9 +292,11 @@ def report(args: argparse.Namespace, device: torch.device, probe: Probe, seen: d
             (f"activations, logits and temporaries at the peak ({peak_phase})", result["activations_and_logits"]),
             ("policy forward: saved activations + log-prob head (logits)", result["policy_forward_increase"])]
     if device.type == "cpu":
-        rows.append(("Python, torch and libraries (RSS before loading models)", result["libraries"]))
+        rows += [("Python, torch and libraries (RSS before loading models)", result["libraries"]),
+                 ("unattributed RSS at the step's start (allocator-kept frees, mapped files)",
+                  result["unattributed_at_step_start"])]
     rows += [(f"peak of the step ({'max_memory_allocated' if device.type == 'cuda' else 'RSS'})", result["peak"]),
-             (f"estimated T4 process peak (+{CUDA_CONTEXT_GIB} GiB CUDA context)", estimate)]
+             (f"estimated T4 process peak (tensors above + {CUDA_CONTEXT_GIB} GiB CUDA context)", estimate)]
     for name, value in rows:
         print(f"| {name} | {value:.2f} |")
     print("\n| phase | peak GiB | seconds |\n|---|---:|---:|")
