@@ -129,6 +129,7 @@ def install(probe: Probe, logits: str) -> dict[str, Any]:
             return token_logps(self, model, rollout)
 
     GRPO.generate, GRPO.token_logps = timed_generate, timed_logps
+    seen["restore"] = lambda: setattr(GRPO, "generate", generate) or setattr(GRPO, "token_logps", token_logps)
 
     class Hooks(Callback):
         def on_train_batch_start(self, trainer, pl_module, *args) -> None:
@@ -251,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         qmath_main(cli_args)
     finally:
         Trainer.__init__ = original_init
+        seen["restore"]()
     return report(args, device, probe, seen, libraries)
 
 

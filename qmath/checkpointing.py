@@ -18,7 +18,6 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 
@@ -63,36 +62,50 @@ def use_atomic_checkpoints(trainer: Any) -> None:
 
 
 class CheckpointOnSignal(Callback):
-    """On SIGTERM or SIGUSR1, finish the current step, write ``last.ckpt`` and stop, so that ``--ckpt_path last``
-    resumes from there.
+    """On SIGTERM or SIGUSR1, finish the current optimizer step, write ``last.ckpt`` and stop on every rank, so that
+    ``--ckpt_path last`` continues exactly.
 
-    Lightning turns SIGTERM into a ``SIGTERMException`` at the next step boundary on every rank; this writes the
-    checkpoint then, where the ``ModelCheckpoint`` keeps ``last.ckpt``. Only for signals: Lightning's
-    ``OnExceptionCheckpoint`` writes on any exception, and a state saved after an arbitrary error (a NaN, a reward
-    that raised) is not one to resume from. SIGUSR1 (what SLURM sends before a time limit with ``--signal``) is
-    handled as SIGTERM, unless Lightning's SLURM auto-requeue has claimed it, which saves and requeues by itself.
-    Added to every run by ``python -m qmath``.
+    The signal handler only sets a flag. At the end of each optimizer step the ranks agree on it (one boolean
+    all-reduce) and, if any rank was signalled, all save and stop together. This replaces Lightning's own SIGTERM
+    handler during training, which runs a collective inside the signal handler: with the signal arriving on two
+    ranks at different points of their step (Lightning forwards rank 0's SIGTERM to the ranks it launched), those
+    collectives pair with the wrong partners and the job hangs (measured here: rank 1 died, rank 0 waited in a
+    barrier). Lightning's ``OnExceptionCheckpoint`` is no substitute either: it saves after any exception (a NaN, a
+    reward that raised), a state not to resume from. SIGUSR1 (what SLURM sends before a time limit with
+    ``--signal``) is left to Lightning's SLURM auto-requeue when that has claimed it. Added to every run by
+    ``python -m qmath``.
     """
 
     def __init__(self) -> None:
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
+        self.signalled = False
+
+    def _flag(self, signum: int, frame: Any) -> None:
+        self.signalled = True
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
-            self._previous = signal.signal(signal.SIGUSR1, _as_sigterm)
+        self.signalled = False
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            if signum == signal.SIGUSR1 and signal.getsignal(signum) not in (signal.SIG_DFL, None):
+                continue  # Lightning's SLURM auto-requeue
+            self._previous[signum] = signal.signal(signum, self._flag)
 
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGUSR1, self._previous)
-            self._previous = None
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException):
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        batch_idx = args[-1] if args else kwargs["batch_idx"]
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # mid-way through an optimizer step's micro-batches
+        if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path)
+        trainer.should_stop = True
         rank_zero_info(f"qmath: stopped by a signal after step {trainer.global_step}; saved {path}. "
                        "Resume with --ckpt_path last")
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
 
 def last_checkpoint_path(trainer: Trainer) -> str:
@@ -101,7 +114,3 @@ def last_checkpoint_path(trainer: Trainer) -> str:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
             return os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
     return os.path.join(trainer.default_root_dir, "last.ckpt")
-
-
-def _as_sigterm(signum: int, frame: Any) -> None:
-    os.kill(os.getpid(), signal.SIGTERM)
