@@ -59,7 +59,7 @@ class EndAllRanksOnException(Callback):
     """
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):  # every rank stops at the same step, after saving: no hang
+        if isinstance(exception, SIGTERMException):  # Lightning raises it on every rank at the same step: none waits
             return
         launcher = trainer.strategy.launcher
         if isinstance(launcher, _SubprocessScriptLauncher) and launcher.procs:
