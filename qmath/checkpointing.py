@@ -90,8 +90,9 @@ class CheckpointOnSignal(Callback):
                 continue  # Lightning's SLURM auto-requeue
             self._previous[signum] = signal.signal(signum, self._flag)
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
-        batch_idx = args[-1] if args else kwargs["batch_idx"]
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # mid-way through an optimizer step's micro-batches
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
