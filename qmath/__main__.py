@@ -1,4 +1,7 @@
-"""``python -m qmath {fit,validate} --config t4x2.yaml``: GRPO on GSM8K through LightningCLI; ``export`` a policy."""
+"""``python -m qmath {fit,validate,test,predict} --config t4x2.yaml``: GRPO on GSM8K through LightningCLI.
+
+``python -m qmath export`` writes a checkpoint's policy as a Hugging Face model directory.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from pathlib import Path
 from lightning.pytorch.cli import ArgsType
 
 from qmath import export
-from qmath.callbacks import EndAllRanksOnException
+from qmath.callbacks import EndAllRanksOnException, RunSummary, TensorBoardLayout
 from qmath.checkpointing import CheckpointOnSignal
 from qmath.cli import QMathCLI, resolve_args
 from qmath.data import GSM8K
@@ -30,7 +33,8 @@ def main(args: ArgsType = None) -> QMathCLI | Path:
         args=args,
         seed_everything_default=0,
         trainer_defaults={"precision": "32-true", "log_every_n_steps": 1,
-                          "callbacks": [CheckpointOnSignal(), EndAllRanksOnException()]},
+                          "callbacks": [CheckpointOnSignal(), EndAllRanksOnException(), RunSummary(),
+                                        TensorBoardLayout()]},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )

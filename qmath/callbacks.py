@@ -1,10 +1,16 @@
-"""Callbacks: what the policy writes, and ending a distributed job when one rank fails."""
+"""Callbacks: monitoring (start-up summary, TensorBoard layout and hparams, completions), predictions, failures."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_signal
@@ -33,9 +39,9 @@ class LogCompletions(Callback):
                 logger.experiment.add_text("completions", self.table(rollout), global_step=step)
 
     def table(self, rollout: dict[str, list]) -> str:
-        """A markdown table: question, completion, then one column per reward and the advantage."""
+        """A markdown table: the prompt's question, the completion, then each reward, their total and the advantage."""
         columns = [c for c in rollout if c not in ("question", "completion")]
-        header = "| question | completion | " + " | ".join(columns) + " |"
+        header = "| prompt | completion | " + " | ".join(columns) + " |"
         lines = [header, "|" + " --- |" * (len(columns) + 2)]
         for i in range(min(self.num_samples, len(rollout["completion"]))):
             question = rollout["question"][i] if rollout.get("question") else ""
@@ -64,3 +70,168 @@ class EndAllRanksOnException(Callback):
         launcher = trainer.strategy.launcher
         if isinstance(launcher, _SubprocessScriptLauncher) and launcher.procs:
             launcher.kill(_get_sigkill_signal())
+
+
+class RunSummary(Callback):
+    """Prints what is about to run, once, on rank 0: model and parameters, devices, precision, work per step, and
+    where logs, checkpoints and predictions go. Added to every run by ``python -m qmath``."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._print(trainer, pl_module, "fit")
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "validate":  # not the periodic validation inside fit
+            self._print(trainer, pl_module, "validate")
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._print(trainer, pl_module, "test")
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._print(trainer, pl_module, "predict")
+
+    def _print(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        lines = self.lines(trainer, pl_module, stage)  # on every rank: trainer.log_dir is a collective under DDP
+        if trainer.is_global_zero:
+            print("\n".join(lines), flush=True)
+
+    @staticmethod
+    def lines(trainer: Trainer, pl_module: LightningModule, stage: str) -> list[str]:
+        hp, data = pl_module.hparams, trainer.datamodule
+        params = sum(p.numel() for p in pl_module.parameters())
+        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        resolved = getattr(pl_module.policy, "name_or_path", "")
+        source = hp.model_name_or_path + (f" ({resolved})" if resolved and resolved != hp.model_name_or_path else "")
+        world = trainer.world_size
+        reference = stage == "fit" and hp.beta != 0  # loaded in the module's on_fit_start, after this hook
+        lines = [f"qmath {stage}:",
+                 f"  model        {source}",
+                 f"  parameters   {count(params)} ({count(trainable)} trainable)"
+                 + (f"; a frozen copy is the KL reference (beta {hp.beta})" if reference else ""),
+                 f"  devices      {world} x {trainer.strategy.root_device.type} ({type(trainer.strategy).__name__}, "
+                 f"{trainer.num_nodes} node(s)), precision {trainer.precision}"]
+        if stage == "fit":
+            prompts, accumulate = data.hparams.batch_size, trainer.accumulate_grad_batches
+            g = hp.num_generations
+            lines += [f"  per step     {prompts} prompt(s) x {g} generations x {accumulate} micro-batch(es) x {world} "
+                      f"device(s) = {prompts * accumulate * world} prompts, {prompts * g * accumulate * world} "
+                      f"completions per optimizer step, sampled every {hp.num_iterations} step(s)",
+                      f"  data         {data.hparams.path}: {len(data.train_rows)} training prompts, "
+                      f"{len(data.val_rows)} held-out for validation; {trainer.max_steps} steps"]
+        elif data is not None:
+            rows = {"validate": data.val_rows, "test": data.test_rows, "predict": data.predict_rows}[stage]
+            split = "validation" if stage == "validate" else stage
+            lines.append(f"  data         {data.describe(split)}: {len(rows)} problems, greedy, up to "
+                         f"{hp.max_completion_length} tokens" + (f"; maj@{hp.maj_k}" if hp.maj_k else ""))
+        if trainer.log_dir and trainer.loggers:
+            logs = trainer.log_dir
+            board = Path(trainer.loggers[0].save_dir or ".")
+            lines.append(f"  logs         {logs} (tensorboard --logdir {board})")
+        checkpoint = trainer.checkpoint_callback
+        if stage == "fit" and isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath:
+            every = checkpoint._every_n_train_steps
+            lines.append(f"  checkpoints  {checkpoint.dirpath}" + (f" (last.ckpt every {every} steps; resume with "
+                                                                   "--ckpt_path last)" if every else ""))
+        writer = next((c for c in trainer.callbacks if isinstance(c, WritePredictions)), None)
+        if stage == "predict" and writer is not None:
+            lines.append(f"  predictions  {writer.output_path(trainer)}")
+        return lines
+
+
+def count(n: int) -> str:
+    """A parameter count as people write it.
+
+    >>> count(134_515_008), count(1_543_714_304), count(53_312)
+    ('134.5M', '1.54B', '53,312')
+    """
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
+class TensorBoardLayout(Callback):
+    """Sets up TensorBoard at the start of ``fit``: a custom-scalars layout that puts the reward components in one
+    chart (and accuracy, clipping and lengths in theirs), and an HParams entry whose metrics are the run's own
+    scalars (``reward``, ``val/accuracy_strict``…), so the HParams tab shows their final values. Added to every run
+    by ``python -m qmath``; TensorBoard loggers only.
+    """
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not loggers or not trainer.is_global_zero:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        names = [r.name for r in pl_module.rewards]
+        metrics = ["reward", "accuracy", "kl", "completions/mean_length",
+                   *[f"rewards/{n}/mean" for n in names], *[f"val/{n}" for n in pl_module.val_metrics]]
+        params = {**(trainer.datamodule.hparams if trainer.datamodule is not None else {}), **pl_module.hparams}
+        params.pop("_instantiator", None)
+        params = TensorBoardLogger._sanitize_params(_flatten_dict(_convert_params(params)))
+        # NaN placeholders: the HParams tab reads each metric's latest scalar from the run, i.e. its final value
+        summaries = hparams(params, {m: float("nan") for m in metrics})
+        for logger in loggers:
+            # Lightning would write a second HParams entry with an `hp_metric` of -1; TensorBoard shows the first
+            logger._default_hp_metric = False
+            writer = logger.experiment._get_file_writer()
+            for summary in summaries:
+                writer.add_summary(summary)
+            logger.experiment.add_custom_scalars(self.layout(names, list(pl_module.val_metrics)))
+
+    @staticmethod
+    def layout(rewards: list[str], evaluated: list[str]) -> dict[str, Any]:
+        return {"qmath": {
+            "rewards (each component's mean, and the weighted total)":
+                ["Multiline", [f"^rewards/{n}/mean$" for n in rewards] + ["^reward$"]],
+            "accuracy (samples; greedy on held-out problems)":
+                ["Multiline", ["^accuracy$"] + [f"^val/{n}$" for n in evaluated if n != "completions/mean_length"]],
+            "completion length (tokens)":
+                ["Multiline", ["^completions/(mean|min|max)_length$", "^val/completions/mean_length$"]],
+            "policy: KL and clipped ratios":
+                ["Multiline", ["^kl$", "^clip_ratio/"]],
+        }}
+
+
+class WritePredictions(BasePredictionWriter):
+    """Writes ``predict``'s answers as JSONL, one line per input row and in the input's order, also across ranks.
+
+    Each line holds the input row's own columns, then ``prompt`` (as the model saw it), ``completion``,
+    ``extracted_answer`` (the number in ``<answer>``, or null), ``ground_truth``, ``correct`` (strict),
+    ``correct_lenient`` (the last number), ``format`` and ``completion_tokens``; the last four are null when the row
+    gives no answer.
+
+    Args:
+        path: the JSONL file to write. ``None``: ``predictions.jsonl`` in the run's log directory
+            (``lightning_logs/<name>/version_N/``), so that no earlier output is overwritten.
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        super().__init__(write_interval="epoch")
+        self.path = path
+        self.written: Path | None = None
+
+    def output_path(self, trainer: Trainer) -> Path:
+        if self.path:
+            return Path(self.path)
+        return Path(trainer.log_dir or ".") / "predictions.jsonl"
+
+    def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions: Any,
+                           batch_indices: Any) -> None:
+        records = [r for batch in predictions for r in batch]
+        path = self.output_path(trainer)  # on every rank: trainer.log_dir is a collective under DDP
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in part]
+        if not trainer.is_global_zero:
+            return
+        rows = trainer.datamodule.predict_rows
+        records.sort(key=lambda r: r["index"])
+        if [r["index"] for r in records] != list(range(len(rows))):
+            raise RuntimeError(f"predict answered {len(records)} rows for {len(rows)} inputs; nothing was written")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with tmp.open("w") as f:  # written whole, then renamed: a reader never sees half a file
+            for record, row in zip(records, rows):
+                record = {k: v for k, v in record.items() if k != "index"}
+                f.write(json.dumps({**row["source"], **record}, default=str) + "\n")
+        os.replace(tmp, path)
+        self.written = path
+        print(f"qmath: wrote {len(records)} predictions to {path}", flush=True)

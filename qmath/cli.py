@@ -8,6 +8,7 @@ from typing import Any
 from lightning import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from qmath.callbacks import WritePredictions
 from qmath.checkpointing import use_atomic_checkpoints
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"  # in an installed wheel
@@ -31,7 +32,7 @@ def resolve_config(value: str) -> str:
     raise SystemExit(f"--config {value}: no such file, and no shipped config of that name. Shipped: {shipped}")
 
 
-SUBCOMMANDS = ("fit", "validate")
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEFAULT_CONFIG = "cpu.yaml"
 
 
@@ -49,7 +50,7 @@ def resolve_args(args: list[str]) -> list[str]:
 
 
 class QMathCLI(LightningCLI):
-    """LightningCLI with the tokenizer linked to the model, atomic checkpoints, and the batch size printed at start."""
+    """LightningCLI with the tokenizer linked to the model, atomic checkpoints, and a prediction writer."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
@@ -62,15 +63,27 @@ class QMathCLI(LightningCLI):
         use_atomic_checkpoints(trainer)
         return trainer
 
-    def before_fit(self) -> None:
-        trainer, model, data = self.trainer, self.model, self.datamodule
-        g, prompts = model.hparams.num_generations, data.hparams.batch_size
-        world, accumulate = trainer.world_size, trainer.accumulate_grad_batches
-        mu = model.hparams.num_iterations
-        if trainer.is_global_zero:
-            print(
-                f"qmath: {prompts} prompt(s) x {g} generations x {accumulate} accumulated micro-batch(es) x {world} "
-                f"device(s) = {prompts * g * accumulate * world} completions per optimizer step, sampled once every "
-                f"{mu} optimizer step(s) (num_iterations)",
-                flush=True,
-            )
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":  # --predictions.path; the writer is added to the trainer's callbacks
+            parser.add_lightning_class_args(WritePredictions, "predictions")
+        return parser
+
+    def _parse_ckpt_path(self) -> None:
+        """From a checkpoint file, take only the base model it was trained from.
+
+        LightningCLI would apply every saved model hyperparameter over the config and the command line, so that
+        ``validate --ckpt_path run.ckpt --model.max_completion_length 256`` would silently evaluate at the training
+        length. The weights only need the right architecture and vocabulary, which the base model names.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        import torch
+
+        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        base, configured = saved.get("model_name_or_path"), self.config[subcommand].model.model_name_or_path
+        if base and base != configured:
+            print(f"qmath: {ckpt_path} was trained from {base}; using it instead of {configured}", flush=True)
+            self.config = self.parser.parse_object({subcommand: {"model": {"model_name_or_path": base}}}, self.config)

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 from lightning import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_only
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import BatchSampler
 
@@ -58,13 +60,16 @@ class GSM8K(LightningDataModule):
         num_train: how many synthetic training problems to generate.
         difficulty: weights of 1-, 2- and 3-step problems in the synthetic training set. The synthetic held-out set
             always uses the default mix (0.5, 0.4, 0.1), so its accuracies compare across runs.
-        num_val: how many held-out problems to keep (synthetic: generate; others: the first ``num_val`` of the
-            held-out split, or all of it when ``None``).
+        num_val: how many held-out problems periodic validation (during ``fit``) and ``validate`` use: the first
+            ``num_val`` of the held-out set, a fixed subset for speed; ``None``: all of it.
+        num_test: how many held-out problems ``test`` uses: the first ``num_test``; ``None``: all of it (GSM8K's
+            test split: 1,319). Synthetic data generate ``max(num_val, num_test)`` held-out problems, and
+            ``num_test: None`` means ``num_val``.
         batch_size: prompts per device per micro-batch (one ``training_step``). Each prompt is sampled
             ``model.num_generations`` times, so a device scores ``batch_size * num_generations`` completions per
             micro-batch, and an optimizer step covers ``trainer.accumulate_grad_batches`` micro-batches.
-        max_prompt_length: prompts longer than this many tokens (after the chat template and prefix) are dropped,
-            and the count is logged.
+        max_prompt_length: training prompts longer than this many tokens (after the chat template and prefix) are
+            dropped, and the count is logged. Held-out and predicted problems are all kept.
         system_prompt: the system message that asks for the reasoning/answer format.
         num_few_shot: how many worked examples to put before the question as earlier user/assistant turns (0-2).
         response_prefix: text that starts every answer, fed after the generation prompt and counted as part of
@@ -86,6 +91,7 @@ class GSM8K(LightningDataModule):
         num_train: int = 5000,
         difficulty: tuple[float, float, float] = DEFAULT_MIX,
         num_val: int | None = 200,
+        num_test: int | None = None,
         batch_size: int = 1,
         max_prompt_length: int = 256,
         system_prompt: str = SYSTEM_PROMPT,
@@ -102,21 +108,27 @@ class GSM8K(LightningDataModule):
             raise ValueError(f"data.max_prompt_length must be positive, got {max_prompt_length}")
         if len(difficulty) != 3 or min(difficulty) < 0 or sum(difficulty) <= 0:
             raise ValueError(f"data.difficulty must be 3 non-negative weights, not all 0, got {difficulty}")
+        for key, value in (("num_val", num_val), ("num_test", num_test)):
+            if value is not None and value < 1:
+                raise ValueError(f"data.{key} must be at least 1, or null for the whole held-out set, got {value}")
+        if path == "synthetic" and num_val is None:
+            raise ValueError("data.num_val: synthetic data have no natural size; give a number of problems")
         if not 0 <= num_few_shot <= len(FEW_SHOT):
             raise ValueError(f"data.num_few_shot must be between 0 and {len(FEW_SHOT)}, got {num_few_shot}")
         self.save_hyperparameters()
         self.tokenizer: Any = None
         self.train_rows: list[dict[str, Any]] = []
         self.val_rows: list[dict[str, Any]] = []
+        self.test_rows: list[dict[str, Any]] = []
+        self.predict_rows: list[dict[str, Any]] = []
 
     # -- reading ---------------------------------------------------------------------------------------------
-    def load_rows(self) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-        """Raw ``{"question", "answer"}`` rows for training and validation, before tokenisation."""
+    def load_rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Raw rows for training and the held-out set, before checking and tokenisation."""
         hp = self.hparams
         if hp.path == "synthetic":
-            return make_splits(hp.num_train, hp.num_val or 0, hp.seed, tuple(hp.difficulty))
-        suffix = Path(hp.path).suffix.lower()
-        if suffix in LOCAL_FORMATS or Path(hp.path).exists():
+            return make_splits(hp.num_train, max(hp.num_val, hp.num_test or 0), hp.seed, tuple(hp.difficulty))
+        if self._is_file(hp.path):
             train = _read_file(hp.path)
             if hp.val_path:
                 return train, _read_file(hp.val_path)
@@ -125,29 +137,69 @@ class GSM8K(LightningDataModule):
             n_val = max(1, round(len(train) * hp.val_fraction))
             held = set(order[:n_val])
             return [r for i, r in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
-        from datasets import load_dataset
-
-        dataset = load_dataset(hp.path, hp.name)
+        dataset = self._load_hub()
         return list(dataset[hp.train_split]), list(dataset[hp.val_split])
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.tokenizer is not None:
-            return
-        self.tokenizer = load_tokenizer(self.hparams.tokenizer_name_or_path)
-        train, val = self.load_rows()
-        if self.hparams.num_val is not None:
-            val = val[: self.hparams.num_val]
-        self.train_rows = self._prepare(train, "train")
-        self.val_rows = self._prepare(val, "validation")
-        if not self.train_rows:
-            raise DataError(f"data.path={self.hparams.path}: no training rows left")
+    def _load_hub(self) -> Any:
+        from datasets import load_dataset
 
-    def _prepare(self, rows: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
-        checked = [_parse_row(row, i + 1, self.hparams.path) for i, row in enumerate(rows)]
-        prompts = [self.render(row["question"]) for row in checked]
-        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        return load_dataset(self.hparams.path, self.hparams.name)
+
+    @staticmethod
+    def _is_file(path: str) -> bool:
+        return Path(path).suffix.lower() in LOCAL_FORMATS or Path(path).expanduser().exists()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Tokenise what ``stage`` needs: training and validation rows for ``fit``, only held-out rows otherwise."""
+        hp = self.hparams
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(hp.tokenizer_name_or_path)
+        if stage == "predict":
+            if not self.predict_rows:
+                self.predict_rows = self._prepare(self.load_predict_rows(), "predict", truth_required=False)
+            return
+        wanted = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",)}.get(
+            stage or "fit", ("train", "validation", "test"))
+        missing = [split for split in wanted if not getattr(self, self._ROWS[split])]
+        if not missing:
+            return
+        train, held_out = self.load_rows()
+        n_test = hp.num_test or (hp.num_val if hp.path == "synthetic" else None)
+        raw = {"train": train, "validation": held_out[: hp.num_val], "test": held_out[:n_test]}
+        for split in missing:
+            setattr(self, self._ROWS[split], self._prepare(raw[split], split))
+        if "train" in missing and not self.train_rows:
+            raise DataError(f"data.path={hp.path}: no training rows left")
+
+    _ROWS = {"train": "train_rows", "validation": "val_rows", "test": "test_rows"}
+
+    def describe(self, split: str) -> str:
+        """Where ``split`` (``train``, ``validation``, ``test`` or ``predict``) comes from, for the start-up summary."""
+        hp = self.hparams
+        if hp.path == "synthetic":
+            return "synthetic" + (" (held-out set)" if split != "train" else "")
+        if self._is_file(hp.path):
+            if split in ("train", "predict"):
+                return hp.path
+            return hp.val_path or f"{hp.path} (a {hp.val_fraction:.0%} held-out share, seed {hp.seed})"
+        split_name = hp.train_split if split == "train" else hp.val_split
+        return f"{hp.path}" + (f" ({hp.name})" if hp.name else "") + f", split {split_name}"
+
+    def load_predict_rows(self) -> list[dict[str, Any]]:
+        """What ``predict`` answers, in order: every row of a local ``data.path``, else the held-out set."""
+        hp = self.hparams
+        if hp.path != "synthetic" and self._is_file(hp.path):
+            return _read_file(hp.path)
+        return self.load_rows()[1][: hp.num_test]
+
+    def _prepare(self, rows: list[dict[str, Any]], split: str, truth_required: bool = True) -> list[dict[str, Any]]:
+        checked = [_parse_row(row, i + 1, self.hparams.path, truth_required) for i, row in enumerate(rows)]
+        ids = self._tokenise([row["question"] for row in checked], split)
         limit = self.hparams.max_prompt_length
-        kept = [{**row, "input_ids": x} for row, x in zip(checked, ids) if len(x) <= limit]
+        prepared = [{**row, "index": i, "input_ids": x} for i, (row, x) in enumerate(zip(checked, ids))]
+        if split != "train":  # every held-out problem counts, and predict answers every row: the limit is for
+            return prepared  # training memory, and dropping long problems would flatter an accuracy
+        kept = [row for row in prepared if len(row["input_ids"]) <= limit]
         if len(kept) < len(checked):
             longest = max(len(x) for x in ids)
             log.warning("Dropped %d of %d %s prompts longer than data.max_prompt_length=%d tokens (longest: %d)",
@@ -158,6 +210,20 @@ class GSM8K(LightningDataModule):
                     "raise data.max_prompt_length or lower data.num_few_shot"
                 )
         return kept
+
+    def _tokenise(self, questions: list[str], split: str, chunk: int = 512) -> list[list[int]]:
+        """Render and tokenise the prompts, with a progress bar on rank 0 for the thousands of a real data set."""
+        from tqdm.auto import tqdm
+
+        ids: list[list[int]] = []
+        quiet = len(questions) < 2 * chunk or rank_zero_only.rank != 0
+        with tqdm(total=len(questions), desc=f"qmath: tokenising {split} prompts", unit="prompt",
+                  disable=quiet) as bar:
+            for start in range(0, len(questions), chunk):
+                prompts = [self.render(q) for q in questions[start:start + chunk]]
+                ids += self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+                bar.update(len(prompts))
+        return ids
 
     def render(self, question: str) -> str:
         """The prompt text for one question: chat template over system, few-shot turns and question, then prefix."""
@@ -182,6 +248,7 @@ class GSM8K(LightningDataModule):
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
+            "index": torch.tensor([row["index"] for row in rows]),
             "question": [row["question"] for row in rows],
             "answer": [row["answer"] for row in rows],
             "prefix": [self.hparams.response_prefix] * len(rows),
@@ -220,7 +287,22 @@ class GSM8K(LightningDataModule):
         return self.collate([self.train_rows[i] for i in index])
 
     def val_dataloader(self) -> StatefulDataLoader:
-        return StatefulDataLoader(self.val_rows, batch_size=max(self.hparams.batch_size, 16), shuffle=False,
+        return self._held_out_loader(self.val_rows)
+
+    def test_dataloader(self) -> StatefulDataLoader:
+        return self._held_out_loader(self.test_rows)
+
+    def predict_dataloader(self) -> StatefulDataLoader:
+        return self._held_out_loader(self.predict_rows)
+
+    def _held_out_loader(self, rows: list[dict[str, Any]]) -> StatefulDataLoader:
+        # Each problem counted once: Lightning's default DistributedSampler pads the last batch with repeats, which
+        # would count a few problems twice in an accuracy. A DistributedSampler is kept as it is by Lightning.
+        trainer = self.trainer
+        sampler = None
+        if trainer is not None and trainer.world_size > 1:
+            sampler = UnrepeatedDistributedSampler(rows, trainer.world_size, trainer.global_rank, shuffle=False)
+        return StatefulDataLoader(rows, batch_size=max(self.hparams.batch_size, 16), shuffle=False, sampler=sampler,
                                   collate_fn=self.collate, num_workers=self.hparams.num_workers)
 
 
@@ -310,13 +392,20 @@ def _read_file(path: str) -> list[dict[str, Any]]:
     return list(load_dataset(builder, data_files=str(file), split="train"))
 
 
-def _parse_row(row: dict[str, Any], line: int, source: str) -> dict[str, Any]:
-    missing = [column for column in ("question", "answer") if not isinstance(row.get(column), str)]
+def _parse_row(row: dict[str, Any], line: int, source: str, truth_required: bool = True) -> dict[str, Any]:
+    required = ("question", "answer") if truth_required else ("question",)
+    missing = [column for column in required if not isinstance(row.get(column), str)]
     if missing:
         raise DataError(f"{source}: row {line} has no text column {missing[0]!r} (columns: {sorted(row)})")
-    truth = extract_hash_answer(row["answer"])
+    if not truth_required and row.get("answer") is None:
+        return {"question": row["question"], "answer": None, "source": row}
+    text = str(row["answer"])
+    truth = extract_hash_answer(text)
+    if truth is None and not truth_required and parse_number(text) is not None:
+        truth = text.strip().replace(",", "").replace("$", "")  # a bare number is a ground truth too
     if truth is None:
         raise DataError(f"{source}: row {line}: the answer has no '#### <number>' line")
     if parse_number(truth) is None:
         raise DataError(f"{source}: row {line}: the ground truth after '####' is not a number: {truth!r}")
-    return {"question": row["question"], "answer": truth}
+    parsed = {"question": row["question"], "answer": truth}
+    return parsed if truth_required else {**parsed, "source": row}

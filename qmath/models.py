@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_only
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +86,26 @@ def convert_gguf(path: Path) -> Path:
     log.warning("Converting %s into a plain HF checkpoint at %s (once; later runs load the cache)", path, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    stages = tqdm(total=4, desc=f"qmath: converting {path.name}", unit="stage", disable=rank_zero_only.rank != 0)
     try:
+        stages.set_postfix_str("tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        stages.update()
+        stages.set_postfix_str("dequantise weights")
         quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        stages.update()
+        stages.set_postfix_str("plain fp32 model")
         config = quantized.config
         # The GGUF loader dequantises but keeps the quantisation flag, which blocks training and saving.
         del config.quantization_config
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(quantized.state_dict(), strict=True)
         model.generation_config = quantized.generation_config
+        stages.update()
+        stages.set_postfix_str("save")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        stages.update()
         try:
             tmp.rename(target)
         except OSError:
@@ -102,6 +113,7 @@ def convert_gguf(path: Path) -> Path:
                 raise
             # Another process finished the same conversion first; its copy is identical.
     finally:
+        stages.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 

@@ -41,22 +41,15 @@ from qmath.grpo import (
     grpo_loss,
     selective_log_softmax,
 )
+from qmath.metrics import GRADES, grade, majority_vote, strict_answer
 from qmath.models import EMBEDDED_MODEL, load_model, load_tokenizer
-from qmath.rewards import (
-    Reward,
-    default_rewards,
-    extract_xml_answer,
-    last_number,
-    parse_number,
-    score,
-    strict_format_reward,
-)
+from qmath.rewards import Reward, default_rewards, parse_number, score
 
-TRAIN_STATS = ["loss", "reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
+TRAIN_STATS = ["loss", "reward", "accuracy", "reward_std", "frac_reward_zero_std", "completions/mean_length",
                "completions/min_length", "completions/max_length", "completions/clipped_ratio", "kl",
                "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
                "dynamic_sampling/dropped_groups", "dynamic_sampling/drawn_prompts", "completions_per_step"]
-VAL_STATS = ["val/accuracy_strict", "val/accuracy_lenient", "val/format_rate", "val/completions/mean_length"]
+EVAL_STATS = [*GRADES, "completions/mean_length"]
 
 
 class GRPO(LightningModule):
@@ -90,6 +83,8 @@ class GRPO(LightningModule):
             further prompts (DAPO).
         max_sampling_rounds: with ``dynamic_sampling``, at most this many extra rounds of prompts per rollout; if
             still short, the rollout is topped up with the dropped groups.
+        maj_k: at validation and test, also sample this many completions per problem (at ``temperature``) and log
+            ``accuracy_maj@k`` (the majority answer is right) and ``pass@k`` (any is right). ``None``: greedy only.
         rewards: the reward components, each with a name and a weight. ``None``: the five GSM8K rewards
             (xmlcount, soft_format, strict_format, int, correctness), all with weight 1.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
@@ -115,6 +110,7 @@ class GRPO(LightningModule):
         mask_truncated_completions: bool = False,
         dynamic_sampling: bool = False,
         max_sampling_rounds: int = 3,
+        maj_k: int | None = None,
         rewards: list[Reward] | None = None,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
@@ -132,6 +128,8 @@ class GRPO(LightningModule):
             raise ValueError(f"model.temperature must be positive, got {temperature}")
         if num_iterations < 1:
             raise ValueError(f"model.num_iterations must be at least 1, got {num_iterations}")
+        if maj_k is not None and maj_k < 2:
+            raise ValueError(f"model.maj_k must be at least 2 samples to vote, or null, got {maj_k}")
         if max_sampling_rounds < 0:
             raise ValueError(f"model.max_sampling_rounds must be at least 0, got {max_sampling_rounds}")
         self.save_hyperparameters(ignore=["rewards", "optimizer", "lr_scheduler"])
@@ -147,10 +145,13 @@ class GRPO(LightningModule):
         self.train_stats = torch.nn.ModuleDict(
             {name: MeanMetric() for name in [f"rewards/{n}/mean" for n in names] + TRAIN_STATS}
         )
-        self.val_stats = torch.nn.ModuleDict({name: MeanMetric() for name in VAL_STATS})
+        evaluated = EVAL_STATS + ([f"accuracy_maj@{maj_k}", f"pass@{maj_k}"] if maj_k else [])
+        # separate objects, so that a validation inside fit never mixes its counts with a test's
+        self.val_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in evaluated})
+        self.test_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in evaluated})
         self.last_rollout: dict[str, list] = {}
         self.micro_batches: list[dict[str, Any]] = []  # the current rollout, split for accumulation
-        self.val_records: list[dict[str, Any]] = []  # this process's greedy answers from the latest validation
+        self.val_records: list[dict[str, Any]] = []  # this process's graded answers from the latest evaluation
 
     @property
     def reference(self) -> Any:
@@ -339,10 +340,13 @@ class GRPO(LightningModule):
             "completions/max_length": lengths.max(),
             "completions/clipped_ratio": (~rollout["terminated"]).float(),
         }
+        if "answer" in rollout["columns"]:  # the samples' strict accuracy, whatever the rewards are
+            stats["accuracy"] = torch.tensor(grade(rollout["texts"], rollout["columns"]["answer"])["accuracy_strict"],
+                                             dtype=torch.float)
         rollout["stats"] = {**rollout.get("stats", {}), **stats}
         self.last_rollout = {"question": rollout["columns"].get("question", []), "completion": rollout["texts"],
-                             "reward": total.tolist(), "advantage": advantages.tolist(),
-                             **{r.name: raw[i].tolist() for i, r in enumerate(self.rewards)}}
+                             **{r.name: raw[i].tolist() for i, r in enumerate(self.rewards)},
+                             "reward": total.tolist(), "advantage": advantages.tolist()}
         return advantages
 
     def prepare(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
@@ -425,30 +429,77 @@ class GRPO(LightningModule):
         """Log each statistic of this optimizer step: the mean over its micro-batches and all ranks."""
         for name, metric in self.train_stats.items():
             if metric.update_called:
-                self.log(name, metric.compute(), prog_bar=name in ("reward", "loss"))
+                self.log(name, metric.compute(), prog_bar=name in ("reward", "accuracy", "loss"))
                 metric.reset()
 
-    # -- validation: greedy answers on held-out problems ---------------------------------------------------------
+    # -- evaluation: greedy answers on held-out problems -------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self.val_records = []
 
+    def on_test_epoch_start(self) -> None:
+        self.val_records = []
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        completion_ids, mask, _ = self.generate(batch["input_ids"], batch["attention_mask"], greedy=True)
-        texts = self.decode(completion_ids, mask, batch.get("prefix"))
+        self.evaluate(batch, batch_idx, self.val_metrics, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.evaluate(batch, batch_idx, self.test_metrics, "test")
+
+    def answer(self, batch: dict[str, Any], samples: int = 0, seed: int = 0) -> tuple[list[str], Tensor]:
+        """Greedy completions of the batch's prompts (or ``samples`` sampled ones each, seeded), and their lengths."""
+        input_ids, attention_mask, prefixes = batch["input_ids"], batch["attention_mask"], batch.get("prefix")
+        if not samples:
+            completion_ids, mask, _ = self.generate(input_ids, attention_mask, greedy=True)
+            return self.decode(completion_ids, mask, prefixes), mask.sum(dim=1)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            completion_ids, mask, _ = self.generate(input_ids.repeat_interleave(samples, dim=0),
+                                                    attention_mask.repeat_interleave(samples, dim=0))
+        prefixes = [p for p in prefixes for _ in range(samples)] if prefixes else None
+        return self.decode(completion_ids, mask, prefixes), mask.sum(dim=1)
+
+    def evaluate(self, batch: dict[str, Any], batch_idx: int, metrics: torch.nn.ModuleDict, stage: str) -> None:
+        """Grade greedy answers (and, with ``maj_k``, a majority vote of samples); update and log ``metrics``."""
+        texts, lengths = self.answer(batch)
         truths = [parse_number(a) for a in batch["answer"]]
-        strict = torch.tensor([parse_number(extract_xml_answer(t)) == a for t, a in zip(texts, truths)])
-        lenient = torch.tensor([last_number(t) == a for t, a in zip(texts, truths)])
-        formatted = torch.tensor(strict_format_reward(texts)) > 0
+        values = {name: torch.tensor(v, dtype=torch.float) for name, v in grade(texts, truths).items()}
+        values["completions/mean_length"] = lengths.float()
+        k = self.hparams.maj_k
+        if k:
+            # a pure function of (seed, batch, rank), so an evaluation is repeatable
+            seed = (int(os.environ.get("PL_GLOBAL_SEED", 0)) * 1_000_003 + batch_idx) * 1009 + self.global_rank
+            sampled, _ = self.answer(batch, samples=k, seed=seed)
+            answers = [strict_answer(t) for t in sampled]
+            votes = [majority_vote(answers[i * k:(i + 1) * k]) for i in range(len(texts))]
+            values[f"accuracy_maj@{k}"] = torch.tensor([v is not None and v == t for v, t in zip(votes, truths)],
+                                                       dtype=torch.float)
+            values[f"pass@{k}"] = torch.tensor([t is not None and t in answers[i * k:(i + 1) * k]
+                                                for i, t in enumerate(truths)], dtype=torch.float)
         self.val_records += [
             {"question": q, "answer": a, "completion": t, "strict": bool(s), "lenient": bool(n), "format": bool(f)}
-            for q, a, t, s, n, f in zip(batch["question"], batch["answer"], texts, strict, lenient, formatted)
+            for q, a, t, s, n, f in zip(batch["question"], batch["answer"], texts, values["accuracy_strict"],
+                                        values["accuracy_lenient"], values["format_rate"])
         ]
-        values = {"val/accuracy_strict": strict, "val/accuracy_lenient": lenient, "val/format_rate": formatted,
-                  "val/completions/mean_length": mask.sum(dim=1)}
         for name, value in values.items():
-            self.val_stats[name].update(value.float().to(self.device))
-            self.log(name, self.val_stats[name], on_step=False, on_epoch=True, prog_bar=name.endswith("strict"),
-                     batch_size=len(texts))
+            metrics[name].update(value.to(self.device))
+            # the metric object, not a tensor: Lightning computes it once per epoch, summed over every rank
+            self.log(f"{stage}/{name}", metrics[name], on_step=False, on_epoch=True,
+                     prog_bar=name in ("accuracy_strict", "format_rate"), batch_size=len(texts))
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Greedy answers, one record per problem; :class:`qmath.callbacks.WritePredictions` writes them in order."""
+        texts, lengths = self.answer(batch)
+        graded = grade(texts, batch["answer"])
+        prompts = self.tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(batch["input_ids"],
+                                                                               batch["attention_mask"])])
+        return [
+            {"index": int(i), "prompt": prompts[j], "completion": t, "extracted_answer": _number_text(strict_answer(t)),
+             "ground_truth": a, "correct": graded["accuracy_strict"][j] if a is not None else None,
+             "correct_lenient": graded["accuracy_lenient"][j] if a is not None else None,
+             "format": graded["format_rate"][j], "completion_tokens": int(n)}
+            for j, (i, t, a, n) in enumerate(zip(batch["index"].tolist(), texts, batch["answer"], lengths))
+        ]
 
     def _eos_ids(self) -> list[int]:
         ids = self.policy.generation_config.eos_token_id
@@ -482,6 +533,10 @@ def _head_is_linear(model: Any) -> bool:
                 model.train(was_training)
         model._qmath_head_is_linear = ok
     return model._qmath_head_is_linear
+
+
+def _number_text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

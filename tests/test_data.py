@@ -189,3 +189,43 @@ def test_train_loader_serves_one_rollout_per_optimizer_step(tiny_model):
     # dynamic sampling's extra prompts are a function of the seed
     assert data.draw(3, seed=5)["question"] == data.draw(3, seed=5)["question"]
     assert data.draw(3, seed=5)["question"] != data.draw(3, seed=6)["question"]
+
+
+def test_each_stage_prepares_its_own_rows_and_held_out_problems_are_all_kept(tiny_model, tmp_path):
+    rows = [{"question": f"What is {i}?", "answer": f"#### {i}"} for i in range(30)]
+    rows[2]["question"] = "long " * 400 + "?"
+    train, held = write_jsonl(tmp_path / "t.jsonl", rows[10:]), write_jsonl(tmp_path / "h.jsonl", rows[:10])
+    data = GSM8K(path=str(train), val_path=str(held), tokenizer_name_or_path=str(tiny_model), num_few_shot=0,
+                 max_prompt_length=200, num_val=4, num_test=None)
+    data.setup("validate")
+    assert not data.train_rows and not data.test_rows  # nothing tokenised that validate does not use
+    assert [r["answer"] for r in data.val_rows] == ["0", "1", "2", "3"]  # the long problem 2 is kept
+    data.setup("test")
+    assert [r["answer"] for r in data.test_rows] == [str(i) for i in range(10)]  # null: all of the held-out set
+    data.setup("fit")
+    assert len(data.train_rows) == 20
+    assert data.describe("test") == str(held) and data.describe("train") == str(train)
+    synthetic = GSM8K(tokenizer_name_or_path=str(tiny_model), num_train=10, num_val=3, num_test=5)
+    synthetic.setup("test")
+    assert len(synthetic.test_rows) == 5
+    synthetic.setup("validate")
+    assert [r["question"] for r in synthetic.val_rows] == [r["question"] for r in synthetic.test_rows[:3]]
+
+
+def test_predict_rows_keep_order_and_take_optional_ground_truths(tiny_model, tmp_path):
+    rows = [{"question": "A?", "answer": "#### 1,000", "id": 7}, {"question": "B?"}, {"question": "C?", "answer": "42"},
+            {"question": "D?", "answer": None}]
+    data = GSM8K(path=str(write_jsonl(tmp_path / "p.jsonl", rows)), tokenizer_name_or_path=str(tiny_model),
+                 max_prompt_length=5)
+    data.setup("predict")
+    assert [(r["index"], r["answer"]) for r in data.predict_rows] == [(0, "1000"), (1, None), (2, "42"), (3, None)]
+    assert data.predict_rows[0]["source"] == rows[0]  # the input's own columns travel to the output
+    write_jsonl(tmp_path / "bad.jsonl", [{"question": "E?", "answer": "many"}])
+    with pytest.raises(DataError, match="row 1: the answer has no '#### <number>' line"):
+        GSM8K(path=str(tmp_path / "bad.jsonl"), tokenizer_name_or_path=str(tiny_model)).setup("predict")
+
+
+@pytest.mark.parametrize("key", ["num_val", "num_test"])
+def test_held_out_sizes_are_checked(key):
+    with pytest.raises(ValueError, match=f"data.{key} must be at least 1"):
+        GSM8K(**{key: 0})

@@ -48,9 +48,10 @@ def boom_reward(completions, **_):
     return [0.0] * len(completions)
 
 
-def fit(cwd: Path, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def fit(cwd: Path, *args: str, env: dict | None = None, timeout: float = 600,
+        subcommand: str = "fit") -> subprocess.CompletedProcess:
     """`python -m qmath fit ARGS` in ``cwd``; the whole process group is killed if it outlives ``timeout``."""
-    proc = subprocess.Popen([sys.executable, "-m", "qmath", "fit", *args], cwd=cwd, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "qmath", subcommand, *args], cwd=cwd, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -140,7 +141,7 @@ def test_the_t4x2_config_runs_with_only_model_data_and_accelerator_overridden(tm
     run = fit(tmp_path, "--config", str(ROOT / "configs" / "t4x2.yaml"), "--model.model_name_or_path", str(model),
               "--data.path", "synthetic", "--trainer.accelerator", "cpu", timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "x 2 device(s) = 16 completions per optimizer step" in run.stdout
+    assert "x 2 device(s) = 2 prompts, 16 completions per optimizer step" in run.stdout
     logs = tmp_path / "lightning_logs" / "t4x2"
     assert sorted(p.name for p in logs.iterdir()) == ["checkpoints", "version_0"]
     assert torch.load(logs / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 400

@@ -54,9 +54,18 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def test_fit_trains_logs_and_checkpoints(tiny_model, in_tmp):
+def test_fit_trains_logs_and_checkpoints(tiny_model, in_tmp, capsys):
     cli = main(["fit", "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model))])
     assert cli.trainer.global_step == 2
+    summary = capsys.readouterr().out
+    params = sum(p.numel() for p in cli.model.policy.parameters())
+    for line in (f"  model        {tiny_model}", f"  parameters   {params:,} ({params:,} trainable); a frozen copy is "
+                 "the KL reference (beta 0.04)", "  devices      1 x cpu", "precision 32-true",
+                 "= 1 prompts, 8 completions per optimizer step", "synthetic: 40 training prompts, 4 held-out",
+                 "  logs         lightning_logs/cpu/version_0 (tensorboard --logdir lightning_logs)",
+                 "lightning_logs/cpu/checkpoints (last.ckpt every 1 steps"):
+        assert line in summary, summary
+    assert {"reward", "accuracy", "val/accuracy_strict"} <= set(cli.trainer.progress_bar_metrics)
 
     before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     after = cli.model.policy.state_dict()
@@ -78,13 +87,45 @@ def test_fit_trains_logs_and_checkpoints(tiny_model, in_tmp):
 
     events = EventAccumulator(str(in_tmp / "lightning_logs" / "cpu" / "version_0"), size_guidance={"tensors": 0})
     events.Reload()
-    assert "completions/text_summary" in events.Tags()["tensors"]
+    table = events.Tensors("completions/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert table.startswith("| prompt | completion | xmlcount | soft_format | strict_format | int | correctness | "
+                            "length | reward | advantage |")
+    assert len(table.splitlines()) == 2 + 4  # header, rule, and num_samples rows
+    check_hparams_and_layout(events, [*REWARDS, "length"], logged)
 
     ckpt = torch.load(in_tmp / "lightning_logs" / "cpu" / "checkpoints" / "last.ckpt", weights_only=False)
     keys = list(ckpt["state_dict"])
     assert keys and all(k.startswith("policy.") for k in keys), [k for k in keys if not k.startswith("policy.")]
     assert ckpt["global_step"] == 2
     assert len(ckpt["optimizer_states"]) == 1
+
+
+def check_hparams_and_layout(events: EventAccumulator, rewards: list[str], logged: dict) -> None:
+    """The HParams entry lists the run's own scalars as metrics (so it shows their final values), and the
+    custom-scalars layout has one chart with every reward component."""
+    from tensorboard.plugins.custom_scalar.layout_pb2 import Layout
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    experiment = HParamsPluginData.FromString(events.SummaryMetadata("_hparams_/experiment").plugin_data.content)
+    metrics = [m.name.tag for m in experiment.experiment.metric_infos]
+    assert {"reward", "accuracy", "val/accuracy_strict", "val/accuracy_lenient", "val/format_rate",
+            "rewards/correctness/mean"} <= set(metrics)
+    assert all(m in logged for m in metrics), [m for m in metrics if m not in logged]  # each has a final value
+    session = HParamsPluginData.FromString(events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content)
+    assert session.session_start_info.hparams["num_generations"].number_value == 8
+    assert session.session_start_info.hparams["max_prompt_length"].number_value == 1024  # the data's too
+    assert hparams_entries(Path(events.path)) == 1  # and no second entry with Lightning's `hp_metric`
+    layout = Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for category in layout.category for c in category.chart}
+    rewards_chart = next(tags for title, tags in charts.items() if title.startswith("rewards"))
+    assert rewards_chart == [f"^rewards/{n}/mean$" for n in rewards] + ["^reward$"]
+
+
+def hparams_entries(log_dir: Path) -> int:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return sum(value.tag == "_hparams_/session_start_info" for file in log_dir.glob("events.*")
+               for event in EventFileLoader(str(file)).Load() for value in event.summary.value)
 
 
 def test_resume_continues_from_last(tiny_model, in_tmp):
