@@ -34,7 +34,8 @@ def test_embedded_default_runs_one_step_through_the_cli(in_tmp):
     run = subprocess.run([sys.executable, "-m", "qmath", "fit", *args], cwd=in_tmp, env=env, capture_output=True,
                          text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "1 prompt(s) x 8 generations x 1 accumulated micro-batch(es) x 1 device(s) = 8 completions" in run.stdout
+    assert "1 prompt(s) x 8 generations x 1 micro-batch(es) x 1 device(s) = 1 prompts, 8 completions" in run.stdout
+    assert "  parameters   134.5M (134.5M trainable)" in run.stdout
     logged = scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")
     assert [s for s, _ in logged["rewards/strict_format/mean"]] == [0]
     assert 0 < logged["completions/mean_length"][0][1] <= 48

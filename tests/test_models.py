@@ -38,5 +38,5 @@ def test_completion_table_escapes_markdown():
                "advantage": [-0.25]}
     table = LogCompletions(num_samples=3).table(rollout)
     lines = table.splitlines()
-    assert lines[0] == "| question | completion | reward | advantage |"
+    assert lines[0] == "| prompt | completion | reward | advantage |"
     assert lines[2] == "| a\\|b | <reasoning><br>x<br></reasoning> | 1.500 | -0.250 |"
