@@ -254,6 +254,13 @@ class GRPO(LightningModule):
         mask, terminated = completion_mask(completion_ids, eos_ids)
         return completion_ids, mask, terminated
 
+    def generate_seeded(self, input_ids: Tensor, attention_mask: Tensor, seed: int) -> tuple[Tensor, ...]:
+        """Sampled completions drawn from a generator seeded with ``seed``; the global RNGs are left as they were."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return self.generate(input_ids, attention_mask)
+
     def rollout(self, batch: dict[str, Any], round_: int = 0) -> dict[str, Any]:
         """Sample ``num_generations`` completions per prompt; the G completions of a prompt are adjacent."""
         g = self.hparams.num_generations
@@ -264,10 +271,7 @@ class GRPO(LightningModule):
         # across ranks, and a pure function of the step, so a resumed run samples exactly as before.
         seed = ((int(os.environ.get("PL_GLOBAL_SEED", 0)) * 1_000_003 + self.trainer.global_step) * 1009
                 + self.global_rank) * 101 + round_
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            completion_ids, mask, terminated = self.generate(prompt_ids, prompt_mask)
+        completion_ids, mask, terminated = self.generate_seeded(prompt_ids, prompt_mask, seed)
         columns = {k: [v for v in values for _ in range(g)] for k, values in batch.items() if isinstance(values, list)}
         texts = self.decode(completion_ids, mask, columns.get("prefix"))
         return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
@@ -451,11 +455,8 @@ class GRPO(LightningModule):
         if not samples:
             completion_ids, mask, _ = self.generate(input_ids, attention_mask, greedy=True)
             return self.decode(completion_ids, mask, prefixes), mask.sum(dim=1)
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            completion_ids, mask, _ = self.generate(input_ids.repeat_interleave(samples, dim=0),
-                                                    attention_mask.repeat_interleave(samples, dim=0))
+        completion_ids, mask, _ = self.generate_seeded(input_ids.repeat_interleave(samples, dim=0),
+                                                       attention_mask.repeat_interleave(samples, dim=0), seed)
         prefixes = [p for p in prefixes for _ in range(samples)] if prefixes else None
         return self.decode(completion_ids, mask, prefixes), mask.sum(dim=1)
 
