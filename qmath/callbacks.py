@@ -231,7 +231,8 @@ class WritePredictions(BasePredictionWriter):
         with tmp.open("w") as f:  # written whole, then renamed: a reader never sees half a file
             for record, row in zip(records, rows):
                 record = {k: v for k, v in record.items() if k != "index"}
-                f.write(json.dumps({**row["source"], **record}, default=str) + "\n")
+                source = row.get("source") or {"question": row["question"], "answer": row["answer"]}
+                f.write(json.dumps({**source, **record}, default=str) + "\n")
         os.replace(tmp, path)
         self.written = path
         print(f"qmath: wrote {len(records)} predictions to {path}", flush=True)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning import Trainer
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from qmath.callbacks import WritePredictions
@@ -54,12 +55,26 @@ class QMathCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
+        parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
         # torch's AdamW default of 1e-3 wrecks a pretrained LM; default to the embedded run's settings instead.
         parser.set_defaults({"model.optimizer": {"class_path": "torch.optim.AdamW",
                                                  "init_args": {"lr": 1e-5, "betas": [0.9, 0.99], "weight_decay": 0.0}}})
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as error:
+            import torch
+
+            if torch.cuda.is_available() or "gpu" not in str(error).lower():
+                raise
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise MisconfigurationException(
+                f"trainer.accelerator asks for a GPU, but this machine has none that torch can use (torch "
+                f"{torch.__version__}, {build}). Run on the CPU with --trainer.accelerator cpu --trainer.devices 1 "
+                "--trainer.strategy auto (as configs/cpu.yaml does), or install a CUDA build of torch on a machine "
+                f"with an NVIDIA GPU. Lightning said: {error}"
+            ) from error
         use_atomic_checkpoints(trainer)
         return trainer
 
@@ -67,6 +82,8 @@ class QMathCLI(LightningCLI):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "predict":  # --predictions.path; the writer is added to the trainer's callbacks
             parser.add_lightning_class_args(WritePredictions, "predictions")
+        # a checkpoint is data, not code: torch.load may only rebuild tensors and plain containers
+        parser.set_defaults(weights_only=True)
         return parser
 
     def _parse_ckpt_path(self) -> None:

@@ -7,6 +7,7 @@ it is fed as prompt tokens, and prepended to the generated text before rewards s
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -74,10 +75,18 @@ class GSM8K(LightningDataModule):
         num_few_shot: how many worked examples to put before the question as earlier user/assistant turns (0-2).
         response_prefix: text that starts every answer, fed after the generation prompt and counted as part of
             the completion when rewards score it. Small models need it to pick up the format.
+        strict: reject a data set with invalid rows (a missing or empty question or answer, no ``#### <number>``
+            ground truth, a question repeated from an earlier row, a line that is not a JSON object), listing each
+            with its line number. ``False``: skip them, log how many and which, and log ``data/skipped_rows``.
+        question_column: the column that holds the question.
+        answer_column: the column that holds the solution ending in ``#### <number>`` (for ``predict``, optional,
+            and a bare number is accepted too).
         seed: seeds the synthetic generator and the held-out split of a local file.
         num_workers: DataLoader worker processes.
         tokenizer_name_or_path: the tokenizer that renders prompts; the CLI links it to
             ``model.model_name_or_path``.
+        trust_remote_code: let the tokenizer's repository run its own code; the CLI links it to
+            ``model.trust_remote_code``.
     """
 
     def __init__(
@@ -97,9 +106,13 @@ class GSM8K(LightningDataModule):
         system_prompt: str = SYSTEM_PROMPT,
         num_few_shot: int = 1,
         response_prefix: str = "<reasoning>\n",
+        strict: bool = True,
+        question_column: str = "question",
+        answer_column: str = "answer",
         seed: int = 0,
         num_workers: int = 0,
         tokenizer_name_or_path: str = EMBEDDED_MODEL,
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -121,24 +134,84 @@ class GSM8K(LightningDataModule):
         self.val_rows: list[dict[str, Any]] = []
         self.test_rows: list[dict[str, Any]] = []
         self.predict_rows: list[dict[str, Any]] = []
+        self.skipped_rows = 0  # invalid rows skipped with strict=False, logged as data/skipped_rows
 
     # -- reading ---------------------------------------------------------------------------------------------
     def load_rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Raw rows for training and the held-out set, before checking and tokenisation."""
+        """Checked ``{"question", "answer", "origin"}`` rows for training and the held-out set, not yet tokenised.
+
+        A local file is checked whole before a held-out share is split off, so that a line number is the file's
+        and a question repeated in the file cannot end up on both sides.
+        """
         hp = self.hparams
         if hp.path == "synthetic":
-            return make_splits(hp.num_train, max(hp.num_val, hp.num_test or 0), hp.seed, tuple(hp.difficulty))
+            train, held_out = make_splits(hp.num_train, max(hp.num_val, hp.num_test or 0), hp.seed,
+                                          tuple(hp.difficulty))
+            # generated: well formed by construction; a question may repeat with other numbers' luck
+            return (self.check(list(enumerate(train, 1)), "synthetic", dedupe=False),
+                    self.check(list(enumerate(held_out, 1)), "synthetic held-out set", dedupe=False))
         if self._is_file(hp.path):
-            train = _read_file(hp.path)
+            train = self.check(_read_file(hp.path), hp.path)
             if hp.val_path:
-                return train, _read_file(hp.val_path)
+                held_out = self.check(_read_file(hp.val_path), hp.val_path)
+                self._warn_overlap(train, held_out)
+                return train, held_out
             generator = torch.Generator().manual_seed(hp.seed)
             order = torch.randperm(len(train), generator=generator).tolist()
             n_val = max(1, round(len(train) * hp.val_fraction))
             held = set(order[:n_val])
             return [r for i, r in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
         dataset = self._load_hub()
-        return list(dataset[hp.train_split]), list(dataset[hp.val_split])
+        train = self.check(list(enumerate(dataset[hp.train_split], 1)), f"{hp.path} split {hp.train_split}")
+        held_out = self.check(list(enumerate(dataset[hp.val_split], 1)), f"{hp.path} split {hp.val_split}")
+        self._warn_overlap(train, held_out)
+        return train, held_out
+
+    def check(self, rows: list[tuple[int, Any]], source: str, truth_required: bool = True,
+              dedupe: bool = True) -> list[dict[str, Any]]:
+        """The usable rows of ``(line number, row)`` pairs; invalid ones are rejected or skipped (``strict``)."""
+        hp = self.hparams
+        if not rows:
+            raise DataError(f"{source} has no rows")
+        objects = [row for _, row in rows if isinstance(row, dict)]
+        required = [hp.question_column] + ([hp.answer_column] if truth_required else [])
+        for column in required:
+            if objects and not any(column in row for row in objects):
+                key = "question_column" if column == hp.question_column else "answer_column"
+                raise DataError(f"{source} has no column {column!r} in any row (its columns: "
+                                f"{sorted({k for row in objects for k in row})}); set data.{key} to the column that "
+                                "holds it, or rename the column")
+        unit = "line" if source.lower().endswith(".jsonl") else "row"
+        kept, invalid, first_seen = [], [], {}
+        for line, row in rows:
+            try:
+                parsed = _parse_row(row, hp.question_column, hp.answer_column, truth_required)
+            except DataError as error:
+                invalid.append(f"{unit} {line}: {error}")
+                continue
+            key = " ".join(parsed["question"].split())
+            if dedupe and key in first_seen:
+                invalid.append(f"{unit} {line}: the same question as {unit} {first_seen[key]}")
+                continue
+            first_seen.setdefault(key, line)
+            kept.append({**parsed, "origin": line})
+        if invalid:
+            listing = "\n  ".join(invalid[:10]) + (f"\n  ... and {len(invalid) - 10} more" if len(invalid) > 10 else "")
+            if hp.strict or not kept:
+                what = "none is usable" if not kept else f"{len(invalid)} are invalid"
+                raise DataError(f"{source}: of its {len(rows)} rows, {what}:\n  {listing}\nFix or remove them"
+                                + (", or set data.strict: false to skip and count invalid rows" if kept else ""))
+            log.warning("Skipped %d of %d rows of %s (data.strict is false):\n  %s", len(invalid), len(rows),
+                        source, listing)
+            self.skipped_rows += len(invalid)
+        return kept
+
+    def _warn_overlap(self, train: list[dict[str, Any]], held_out: list[dict[str, Any]]) -> None:
+        seen = {" ".join(r["question"].split()) for r in train}
+        overlap = sum(" ".join(r["question"].split()) in seen for r in held_out)
+        if overlap:
+            log.warning("%d held-out questions also appear in the training data: their accuracy is not held out",
+                        overlap)
 
     def _load_hub(self) -> Any:
         from datasets import load_dataset
@@ -153,10 +226,10 @@ class GSM8K(LightningDataModule):
         """Tokenise what ``stage`` needs: training and validation rows for ``fit``, only held-out rows otherwise."""
         hp = self.hparams
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(hp.tokenizer_name_or_path)
+            self.tokenizer = load_tokenizer(hp.tokenizer_name_or_path, hp.trust_remote_code)
         if stage == "predict":
             if not self.predict_rows:
-                self.predict_rows = self._prepare(self.load_predict_rows(), "predict", truth_required=False)
+                self.predict_rows = self._prepare(self.load_predict_rows(), "predict")
             return
         wanted = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",)}.get(
             stage or "fit", ("train", "validation", "test"))
@@ -168,8 +241,9 @@ class GSM8K(LightningDataModule):
         raw = {"train": train, "validation": held_out[: hp.num_val], "test": held_out[:n_test]}
         for split in missing:
             setattr(self, self._ROWS[split], self._prepare(raw[split], split))
-        if "train" in missing and not self.train_rows:
-            raise DataError(f"data.path={hp.path}: no training rows left")
+        if self.skipped_rows and self.trainer is not None:
+            for logger in self.trainer.loggers:
+                logger.log_metrics({"data/skipped_rows": float(self.skipped_rows)}, step=0)
 
     _ROWS = {"train": "train_rows", "validation": "val_rows", "test": "test_rows"}
 
@@ -188,12 +262,11 @@ class GSM8K(LightningDataModule):
     def load_predict_rows(self) -> list[dict[str, Any]]:
         """What ``predict`` answers, in order: every row of a local ``data.path``, else the held-out set."""
         hp = self.hparams
-        if hp.path != "synthetic" and self._is_file(hp.path):
-            return _read_file(hp.path)
+        if hp.path != "synthetic" and self._is_file(hp.path):  # every row, repeats included, in order
+            return self.check(_read_file(hp.path), hp.path, truth_required=False, dedupe=False)
         return self.load_rows()[1][: hp.num_test]
 
-    def _prepare(self, rows: list[dict[str, Any]], split: str, truth_required: bool = True) -> list[dict[str, Any]]:
-        checked = [_parse_row(row, i + 1, self.hparams.path, truth_required) for i, row in enumerate(rows)]
+    def _prepare(self, checked: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
         ids = self._tokenise([row["question"] for row in checked], split)
         limit = self.hparams.max_prompt_length
         prepared = [{**row, "index": i, "input_ids": x} for i, (row, x) in enumerate(zip(checked, ids))]
@@ -261,10 +334,12 @@ class GSM8K(LightningDataModule):
         accumulate, iterations = self.steps_per_rollout()
         sampler = RepeatBatchSampler(ShuffleSampler(self.train_rows), self.hparams.batch_size * accumulate,
                                      drop_last=True, repeats=accumulate * iterations)
-        if len(sampler) == 0:
-            needed = self.hparams.batch_size * accumulate
-            raise DataError(f"{len(self.train_rows)} training prompts do not fill one rollout of "
-                            f"data.batch_size x trainer.accumulate_grad_batches = {needed} prompts")
+        world = self.trainer.world_size if self.trainer is not None else 1
+        needed = self.hparams.batch_size * accumulate * world  # each device needs a whole rollout of its own
+        if len(self.train_rows) < needed:
+            raise DataError(f"{len(self.train_rows)} training prompts do not fill one rollout of data.batch_size x "
+                            f"trainer.accumulate_grad_batches x devices = {needed} prompts; use more data, or lower "
+                            "data.batch_size or trainer.accumulate_grad_batches")
         return StatefulDataLoader(self.train_rows, batch_sampler=sampler, collate_fn=self.collate,
                                   num_workers=self.hparams.num_workers)
 
@@ -379,33 +454,68 @@ class _RepeatIterator:
         self.batch, self.served = state["batch"], state["served"]
 
 
-def _read_file(path: str) -> list[dict[str, Any]]:
-    from datasets import load_dataset
-
+def _read_file(path: str) -> list[tuple[int, Any]]:
+    """``(line or row number, row)`` pairs of a JSONL, JSON or Parquet file, numbered from 1 as an editor does."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise DataError(f"data.path: {path} does not exist; give a .jsonl, .json or .parquet file, a hub id, "
                         "or 'synthetic'")
     builder = LOCAL_FORMATS.get(file.suffix.lower())
     if builder is None:
-        raise DataError(f"data.path: {path} is neither JSONL, JSON nor Parquet (by its suffix)")
-    return list(load_dataset(builder, data_files=str(file), split="train"))
+        raise DataError(f"data.path: {path} is neither JSONL, JSON nor Parquet (by its suffix); convert it, e.g. "
+                        "with pandas' to_json(orient='records', lines=True)")
+    if file.stat().st_size == 0:
+        raise DataError(f"data.path: {path} is empty")
+    if file.suffix.lower() == ".jsonl":  # read here, so that a broken line is named by its number
+        rows = []
+        with file.open(encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append((number, json.loads(line)))
+                    except json.JSONDecodeError as error:
+                        rows.append((number, _Unreadable(f"not valid JSON ({error.msg})")))
+        return rows
+    from datasets import load_dataset
+
+    try:
+        return list(enumerate(load_dataset(builder, data_files=str(file), split="train"), 1))
+    except Exception as error:  # datasets' errors name its internals, not the file
+        raise DataError(f"data.path: {path} could not be read as {builder.upper()}: {type(error).__name__}: "
+                        f"{error}") from error
 
 
-def _parse_row(row: dict[str, Any], line: int, source: str, truth_required: bool = True) -> dict[str, Any]:
-    required = ("question", "answer") if truth_required else ("question",)
-    missing = [column for column in required if not isinstance(row.get(column), str)]
-    if missing:
-        raise DataError(f"{source}: row {line} has no text column {missing[0]!r} (columns: {sorted(row)})")
-    if not truth_required and row.get("answer") is None:
-        return {"question": row["question"], "answer": None, "source": row}
-    text = str(row["answer"])
+class _Unreadable:
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _parse_row(row: Any, question_column: str = "question", answer_column: str = "answer",
+               truth_required: bool = True) -> dict[str, Any]:
+    """``{"question", "answer"}`` of one row, the answer reduced to its ground truth; :class:`DataError` says why
+    the row cannot be used. Without ``truth_required``, the answer may be missing (``None``) or a bare number."""
+    if isinstance(row, _Unreadable):
+        raise DataError(row.reason)
+    if not isinstance(row, dict):
+        raise DataError(f"not a JSON object but {type(row).__name__}")
+    question, answer = row.get(question_column), row.get(answer_column)
+    if not isinstance(question, str):
+        raise DataError(f"no text in column {question_column!r}" + ("" if question_column in row else " (missing)"))
+    if not question.strip():
+        raise DataError(f"the {question_column!r} is empty")
+    parsed = {"question": question} if truth_required else {"question": question, "source": row}
+    if answer is None and not truth_required:
+        return {**parsed, "answer": None}
+    if not isinstance(answer, str | int | float) or isinstance(answer, bool):
+        raise DataError(f"no text in column {answer_column!r}" + ("" if answer_column in row else " (missing)"))
+    text = str(answer)
+    if not text.strip():
+        raise DataError(f"the {answer_column!r} is empty")
     truth = extract_hash_answer(text)
     if truth is None and not truth_required and parse_number(text) is not None:
         truth = text.strip().replace(",", "").replace("$", "")  # a bare number is a ground truth too
     if truth is None:
-        raise DataError(f"{source}: row {line}: the answer has no '#### <number>' line")
+        raise DataError(f"the {answer_column!r} has no '#### <number>' line giving the ground truth")
     if parse_number(truth) is None:
-        raise DataError(f"{source}: row {line}: the ground truth after '####' is not a number: {truth!r}")
-    parsed = {"question": row["question"], "answer": truth}
-    return parsed if truth_required else {**parsed, "source": row}
+        raise DataError(f"the ground truth after '####' is not a number: {truth!r}")
+    return {**parsed, "answer": truth}

@@ -7,12 +7,14 @@ on (about 100x faster than re-reading the GGUF file).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -122,9 +124,10 @@ def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False):
     """The tokenizer, set up for batched generation: left padding, a pad token, and a chat template."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        _checked(resolve(model_name_or_path)), trust_remote_code=trust_remote_code
-    )
+    with _explained(model_name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(
+            _checked(resolve(model_name_or_path)), trust_remote_code=trust_remote_code
+        )
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -136,19 +139,41 @@ def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False):
 
 def load_model(model_name_or_path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
     """The causal LM in ``dtype`` (default: torch's default dtype, which Lightning's ``*-true`` precisions set)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        _checked(resolve(model_name_or_path)),
-        dtype=dtype or torch.get_default_dtype(),
-        trust_remote_code=trust_remote_code,
-    )
-    if getattr(model, "is_quantized", False):
-        raise ValueError(
-            f"{model_name_or_path} loads as a quantised model, which cannot be trained at full precision; "
-            "give a full-precision checkpoint or a .gguf file (qmath dequantises those)"
-        )
+    name = _checked(resolve(model_name_or_path))
+    with _explained(model_name_or_path):
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        # before any weights are read: a quantised checkpoint cannot train at full precision (32-true)
+        if getattr(config, "quantization_config", None):
+            method = dict(config.quantization_config).get("quant_method", "quantised") if isinstance(
+                config.quantization_config, dict) else type(config.quantization_config).__name__
+            raise ValueError(
+                f"model.model_name_or_path: {model_name_or_path} is a quantised checkpoint ({method}), which cannot "
+                "be trained at full precision (trainer.precision 32-true) and has no GRPO update qmath supports. "
+                "Give the full-precision model it was made from, or a .gguf file (qmath dequantises those)"
+            )
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.get_default_dtype(),
+                                                     trust_remote_code=trust_remote_code)
     return model
+
+
+@contextlib.contextmanager
+def _explained(model_name_or_path: str) -> Iterator[None]:
+    """Turn transformers' errors for a hub id that cannot be found or fetched into one that says what to do."""
+    try:
+        yield
+    except OSError as error:
+        if Path(model_name_or_path).expanduser().exists():
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        raise OSError(
+            f"model.model_name_or_path: cannot load {model_name_or_path!r}: it is neither a local path nor in the "
+            "Hugging Face cache" + (" (HF_HUB_OFFLINE is set)" if offline else ", and the hub did not serve it")
+            + ". Check the spelling (hub ids look like Qwen/Qwen2.5-0.5B-Instruct); without internet, download it "
+            f"where there is (`huggingface-cli download {model_name_or_path}`) and copy the cache or the directory "
+            f"here; or use {EMBEDDED_MODEL!r}, the embedded SmolLM2-135M-Instruct.\ntransformers said: {error}"
+        ) from error
 
 
 def _checked(name: str) -> str:

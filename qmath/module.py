@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning import LightningModule
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 
 from qmath.grpo import (
     LossType,
@@ -44,6 +45,8 @@ from qmath.grpo import (
 from qmath.metrics import GRADES, grade, majority_vote, strict_answer
 from qmath.models import EMBEDDED_MODEL, load_model, load_tokenizer
 from qmath.rewards import Reward, default_rewards, parse_number, score
+
+log = logging.getLogger(__name__)
 
 TRAIN_STATS = ["loss", "reward", "accuracy", "reward_std", "frac_reward_zero_std", "completions/mean_length",
                "completions/min_length", "completions/max_length", "completions/clipped_ratio", "kl",
@@ -85,6 +88,12 @@ class GRPO(LightningModule):
             still short, the rollout is topped up with the dropped groups.
         maj_k: at validation and test, also sample this many completions per problem (at ``temperature``) and log
             ``accuracy_maj@k`` (the majority answer is right) and ``pass@k`` (any is right). ``None``: greedy only.
+        reward_errors: what a reward that raises, returns the wrong count, or returns NaN, inf or ``None`` does:
+            ``raise`` stops training with an error naming the reward and a completion; ``zero`` scores the affected
+            completions 0, counts them (``reward_errors`` per step) and warns once per reward.
+        max_skipped_steps: an optimizer step whose loss or gradient is not finite is skipped (the weights and the
+            optimizer state stay as they were) and counted in ``train/skipped_steps``; after this many skipped
+            steps in a row, training stops with an error.
         rewards: the reward components, each with a name and a weight. ``None``: the five GSM8K rewards
             (xmlcount, soft_format, strict_format, int, correctness), all with weight 1.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
@@ -111,6 +120,8 @@ class GRPO(LightningModule):
         dynamic_sampling: bool = False,
         max_sampling_rounds: int = 3,
         maj_k: int | None = None,
+        reward_errors: Literal["raise", "zero"] = "raise",
+        max_skipped_steps: int = 3,
         rewards: list[Reward] | None = None,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
@@ -130,6 +141,8 @@ class GRPO(LightningModule):
             raise ValueError(f"model.num_iterations must be at least 1, got {num_iterations}")
         if maj_k is not None and maj_k < 2:
             raise ValueError(f"model.maj_k must be at least 2 samples to vote, or null, got {maj_k}")
+        if max_skipped_steps < 1:
+            raise ValueError(f"model.max_skipped_steps must be at least 1, got {max_skipped_steps}")
         if max_sampling_rounds < 0:
             raise ValueError(f"model.max_sampling_rounds must be at least 0, got {max_sampling_rounds}")
         self.save_hyperparameters(ignore=["rewards", "optimizer", "lr_scheduler"])
@@ -144,7 +157,13 @@ class GRPO(LightningModule):
         # Accumulated over an optimizer step's micro-batches, then computed (synced across ranks) and reset.
         self.train_stats = torch.nn.ModuleDict(
             {name: MeanMetric() for name in [f"rewards/{n}/mean" for n in names] + TRAIN_STATS}
+            | {"reward_errors": SumMetric()}
         )
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, over the whole run
+        self.skipped_in_a_row = 0
+        self._loss_not_finite = False
+        self._reward_errors = 0
+        self._warned_rewards: set[str] = set()
         evaluated = EVAL_STATS + ([f"accuracy_maj@{maj_k}", f"pass@{maj_k}"] if maj_k else [])
         # separate objects, so that a validation inside fit never mixes its counts with a test's
         self.val_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in evaluated})
@@ -183,11 +202,18 @@ class GRPO(LightningModule):
         states["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), *rest)
         checkpoint["qmath_rng_states"] = states
         checkpoint["qmath_base"] = self._base_identity()
+        checkpoint["qmath_skipped_steps"] = self.skipped_steps
+        bad = [k for k, v in checkpoint.get("state_dict", {}).items()  # plain tensors: sharded ones are checked
+               if type(v) is Tensor and v.is_floating_point() and not v.isfinite().all()]  # by the step guard
+        if bad:
+            raise NonFiniteError(f"refusing to save a checkpoint with non-finite weights ({len(bad)} tensors, e.g. "
+                                 f"{bad[0]}); the last saved checkpoint is kept")
         if self.hparams.num_iterations > 1:  # a checkpoint may fall between the μ steps that reuse one rollout
             checkpoint["qmath_rollout"] = [_to_cpu(m) for m in self.micro_batches]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_base(checkpoint)
+        self.skipped_steps = checkpoint.get("qmath_skipped_steps", 0)
         self._rng_states = checkpoint.get("qmath_rng_states")
         if self._rng_states:
             kind, keys, *rest = self._rng_states["numpy"]
@@ -320,7 +346,15 @@ class GRPO(LightningModule):
     # -- score ---------------------------------------------------------------------------------------------------
     def score(self, rollout: dict[str, Any]) -> Tensor:
         """Each reward component of each completion, unweighted: ``[n_rewards, B]``."""
-        return torch.tensor(score(self.rewards, rollout["texts"], rollout["columns"]), device=self.device)
+        errors: dict[str, int] = {}
+        raw = score(self.rewards, rollout["texts"], rollout["columns"], self.hparams.reward_errors, errors)
+        for name in errors.keys() - self._warned_rewards:
+            log.warning("reward %r failed on %d of %d completions at step %d; they score 0 (model.reward_errors: "
+                        "zero). Counted in reward_errors; this warning is shown once per reward.",
+                        name, errors[name], len(rollout["texts"]), self.trainer.global_step)
+            self._warned_rewards.add(name)
+        self._reward_errors += sum(errors.values())
+        return torch.tensor(raw, device=self.device)
 
     def _total(self, raw: Tensor) -> Tensor:
         weights = torch.tensor([r.weight for r in self.rewards], device=raw.device, dtype=raw.dtype)
@@ -344,6 +378,7 @@ class GRPO(LightningModule):
             "completions/max_length": lengths.max(),
             "completions/clipped_ratio": (~rollout["terminated"]).float(),
         }
+        stats["reward_errors"] = torch.tensor(float(self._reward_errors))
         if "answer" in rollout["columns"]:  # the samples' strict accuracy, whatever the rewards are
             stats["accuracy"] = torch.tensor(grade(rollout["texts"], rollout["columns"]["answer"])["accuracy_strict"],
                                              dtype=torch.float)
@@ -355,6 +390,7 @@ class GRPO(LightningModule):
 
     def prepare(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
         """rollout → score → advantages for a whole optimizer step, split into its accumulation micro-batches."""
+        self._reward_errors = 0  # completions scored 0 by a failing reward in this rollout (reward_errors: zero)
         rollout = self.rollout(batch)
         raw = self.score(rollout)
         if self.hparams.dynamic_sampling:
@@ -421,9 +457,38 @@ class GRPO(LightningModule):
         if slot % accumulate == 0:
             self._log_stats(self.micro_batches[0]["stats"])
         loss = self.loss(self.micro_batches[slot % accumulate])
+        if not torch.isfinite(loss):
+            self._loss_not_finite = True
         if (batch_idx + 1) % accumulate == 0:
             self._flush_stats()
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip the step when the loss or a gradient is not finite, so that no NaN reaches the weights or Adam."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norms = torch.stack(torch._foreach_norm(grads)) if grads else torch.zeros(1, device=self.device)
+        finite = bool(torch.isfinite(norms).all()) and not self._loss_not_finite
+        # all ranks must agree (under FSDP each sees only its shard of the gradients)
+        finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        self._loss_not_finite = False
+        if finite:
+            self.skipped_in_a_row = 0
+        else:
+            for p in self.parameters():
+                p.grad = None  # AdamW leaves a parameter without a gradient untouched, decay and moments included
+            self.skipped_steps += 1
+            self.skipped_in_a_row += 1
+            log.warning("step %d: non-finite loss or gradient; the optimizer step is skipped (%d in a row)",
+                        self.trainer.global_step, self.skipped_in_a_row)
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        if self.skipped_in_a_row >= self.hparams.max_skipped_steps:
+            raise NonFiniteError(
+                f"{self.skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient (model."
+                f"max_skipped_steps={self.hparams.max_skipped_steps}), the last at step {self.trainer.global_step}. "
+                "The weights are the last finite ones and no checkpoint holds a NaN. Lower the learning rate, clip "
+                "gradients harder (trainer.gradient_clip_val), or check the rewards and the model's precision; "
+                "resume with --ckpt_path last."
+            )
 
     def _log_stats(self, stats: dict[str, Tensor]) -> None:
         for name, value in stats.items():
@@ -508,6 +573,10 @@ class GRPO(LightningModule):
         if self.tokenizer.eos_token_id not in ids:
             ids.append(self.tokenizer.eos_token_id)
         return ids
+
+
+class NonFiniteError(FloatingPointError):
+    """Training met non-finite values it cannot step past; the message says what to change."""
 
 
 @torch.no_grad()

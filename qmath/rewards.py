@@ -225,30 +225,61 @@ class RewardError(RuntimeError):
 
 
 def score(
-    rewards: Sequence[Reward], completions: Sequence[str], columns: dict[str, Sequence[Any]]
+    rewards: Sequence[Reward],
+    completions: Sequence[str],
+    columns: dict[str, Sequence[Any]],
+    on_error: str = "raise",
+    errors: dict[str, int] | None = None,
 ) -> list[list[float]]:
     """Run every reward on the completions; one list of raw (unweighted) scores per reward.
 
-    Raises :class:`RewardError` naming the reward and a sample completion when a reward raises, returns the wrong
-    count, or returns a value that is not a finite number.
+    A reward that raises, returns the wrong count, or returns a value that is not a finite number is a
+    :class:`RewardError` naming the reward and a sample completion (``on_error="raise"``), or scores the affected
+    completions 0 and adds their count to ``errors[reward.name]`` (``on_error="zero"``).
+
+    >>> errors = {}
+    >>> score([FunctionReward(lambda completions, **_: [1.0, float("nan")], "shaky")], ["a", "b"], {}, "zero", errors)
+    [[1.0, 0.0]]
+    >>> errors
+    {'shaky': 1}
     """
+    if on_error not in ("raise", "zero"):
+        raise ValueError(f"model.reward_errors must be 'raise' or 'zero', got {on_error!r}")
     results = []
     for reward in rewards:
         try:
             values = reward(list(completions), **columns)
+            if values is None or len(values) != len(completions):
+                count = "None" if values is None else len(values)
+                raise RewardError(f"reward {reward.name!r} returned {count} values for {len(completions)} completions")
         except Exception as error:
+            if on_error == "zero":
+                _count(errors, reward.name, len(completions))
+                results.append([0.0] * len(completions))
+                continue
+            if isinstance(error, RewardError):
+                raise
             raise RewardError(
                 f"reward {reward.name!r} raised {type(error).__name__}: {error}\n"
-                f"on completion: {completions[0][:200]!r}\nFix the reward function, or remove it from model.rewards."
+                f"on completion: {completions[0][:200]!r}\nFix the reward function, remove it from model.rewards, "
+                "or set model.reward_errors: zero to score such completions 0 and count them."
             ) from error
-        if values is None or len(values) != len(completions):
-            count = "None" if values is None else len(values)
-            raise RewardError(f"reward {reward.name!r} returned {count} values for {len(completions)} completions")
+        scores = []
         for value, text in zip(values, completions):
-            if value is None or not isinstance(value, int | float) or not math.isfinite(value):
-                raise RewardError(
-                    f"reward {reward.name!r} returned {value!r} on completion: {text[:200]!r}\n"
-                    "Rewards must be finite numbers; fix the reward function."
-                )
-        results.append([float(v) for v in values])
+            if not isinstance(value, int | float) or not math.isfinite(value):
+                if on_error == "raise":
+                    raise RewardError(
+                        f"reward {reward.name!r} returned {value!r} on completion: {text[:200]!r}\n"
+                        "Rewards must be finite numbers; fix the reward function, or set model.reward_errors: zero "
+                        "to score such completions 0 and count them."
+                    )
+                _count(errors, reward.name, 1)
+                value = 0.0
+            scores.append(float(value))
+        results.append(scores)
     return results
+
+
+def _count(errors: dict[str, int] | None, name: str, n: int) -> None:
+    if errors is not None:
+        errors[name] = errors.get(name, 0) + n

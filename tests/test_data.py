@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qmath.data import FEW_SHOT, GSM8K, DataError, _parse_row
+from qmath.data import FEW_SHOT, GSM8K, DataError, _parse_row, _read_file
 from qmath.rewards import extract_hash_answer, parse_number, strict_format_reward
 from qmath.synthetic import TEMPLATES, make_splits, problems
 from tests.conftest import SHARED_GSM8K
@@ -80,24 +81,92 @@ def test_long_prompts_are_dropped_and_counted(tiny_model, tmp_path, caplog):
         too_short.setup("fit")
 
 
-@pytest.mark.parametrize(
-    ("row", "message"),
-    [({"question": "q"}, "row 7 has no text column 'answer'"),
-     ({"question": "q", "answer": "no marker"}, r"row 7: the answer has no '#### <number>' line"),
-     ({"prompt": "q", "answer": "#### 1"}, "row 7 has no text column 'question'"),
-     ({"question": "q", "answer": "#### twelve"}, "row 7: the ground truth after '####' is not a number")],
-)
-def test_bad_rows_name_the_line(row, message):
-    with pytest.raises(DataError, match=message):
-        _parse_row(row, 7, "x.jsonl")
+BAD_ROWS = [
+    ({"question": "q"}, "no text in column 'answer' (missing)"),
+    ({"question": "q", "answer": "no marker"}, "the 'answer' has no '#### <number>' line"),
+    ({"question": "q", "answer": "#### twelve"}, "the ground truth after '####' is not a number: 'twelve'"),
+    ({"question": "  ", "answer": "#### 1"}, "the 'question' is empty"),
+    ({"question": "q", "answer": ""}, "the 'answer' is empty"),
+    ({"question": 5, "answer": "#### 1"}, "no text in column 'question'"),
+    (["q", "#### 1"], "not a JSON object but list"),
+]
 
 
-def test_missing_file_and_wrong_suffix(tiny_model, tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
-        GSM8K(path=str(tmp_path / "nope.jsonl"), tokenizer_name_or_path=str(tiny_model)).setup("fit")
-    (tmp_path / "data.csv").write_text("question,answer\n")
+@pytest.mark.parametrize(("row", "reason"), BAD_ROWS)
+def test_each_bad_row_is_rejected_with_its_line_number_and_reason(tiny_model, tmp_path, row, reason):
+    good = [{"question": f"What is {i}?", "answer": f"#### {i}"} for i in range(4)]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in good[:2]) + "\n\n" + json.dumps(row) + "\n"
+                    + "\n".join(json.dumps(r) for r in good[2:]) + "\n")  # a blank line 3: the bad row is line 4
+    data = GSM8K(path=str(path), tokenizer_name_or_path=str(tiny_model), num_few_shot=0)
+    with pytest.raises(DataError, match=re.escape(f"mine.jsonl: of its 5 rows, 1 are invalid:\n  line 4: {reason}")) \
+            as error:
+        data.setup("fit")
+    assert "or set data.strict: false to skip and count invalid rows" in str(error.value)
+
+
+def test_strict_false_skips_and_counts_invalid_rows(tiny_model, tmp_path, caplog):
+    rows = [{"question": f"What is {i}?", "answer": f"#### {i}"} for i in range(8)] + [r for r, _ in BAD_ROWS]
+    rows.append(rows[0])  # a repeat
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
+    data = GSM8K(path=str(path), tokenizer_name_or_path=str(tiny_model), num_few_shot=0, strict=False,
+                 val_fraction=0.25)
+    data.setup("fit")
+    assert data.skipped_rows == len(BAD_ROWS) + 2
+    assert sorted(r["question"] for r in data.train_rows + data.val_rows) == [f"What is {i}?" for i in range(8)]
+    assert f"Skipped {len(BAD_ROWS) + 2} of {len(rows) + 1} rows of {path} (data.strict is false)" in caplog.text
+    assert "line 16: the same question as line 1" in caplog.text and "line 17: not valid JSON" in caplog.text
+
+
+def test_files_that_cannot_be_used(tiny_model, tmp_path):
+    def setup(name: str, content: str | bytes | None, **kw) -> None:
+        path = tmp_path / name
+        if content is not None:
+            path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        GSM8K(path=str(path), tokenizer_name_or_path=str(tiny_model), **kw).setup("fit")
+
+    with pytest.raises(DataError, match="nope.jsonl does not exist; give a .jsonl, .json or .parquet file"):
+        setup("nope.jsonl", None)
     with pytest.raises(DataError, match="neither JSONL, JSON nor Parquet"):
-        GSM8K(path=str(tmp_path / "data.csv"), tokenizer_name_or_path=str(tiny_model)).setup("fit")
+        setup("data.csv", "question,answer\n")
+    with pytest.raises(DataError, match="empty.jsonl is empty"):
+        setup("empty.jsonl", "")
+    with pytest.raises(DataError, match="blank.jsonl has no rows"):
+        setup("blank.jsonl", "\n\n")
+    # CSV or binary content under a .jsonl name: every line is named, and nothing is usable
+    with pytest.raises(DataError, match=r"of its 3 rows, none is usable:\n  line 1: not valid JSON"):
+        setup("csv.jsonl", "question,answer\nWhat?,#### 1\nWho?,#### 2\n", strict=False)
+    with pytest.raises(DataError, match="bytes.parquet could not be read as PARQUET"):
+        setup("bytes.parquet", bytes(range(256)))
+    with pytest.raises(DataError, match=r"has no column 'question' in any row \(its columns: \['prompt', "
+                                        r"'solution'\]\); set data.question_column"):
+        setup("renamed.jsonl", json.dumps({"prompt": "What?", "solution": "#### 1"}) + "\n")
+
+
+def test_column_names_are_options(tiny_model, tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"What is {i}?", "solution": f"#### {i}"} for i in range(9)])
+    data = GSM8K(path=str(path), tokenizer_name_or_path=str(tiny_model), question_column="prompt",
+                 answer_column="solution", num_few_shot=0)
+    data.setup("fit")
+    assert len(data.train_rows) + len(data.val_rows) == 9
+
+
+def test_held_out_questions_seen_in_training_are_reported(tiny_model, tmp_path, caplog):
+    rows = [{"question": f"What is {i}?", "answer": f"#### {i}"} for i in range(6)]
+    data = GSM8K(path=str(write_jsonl(tmp_path / "t.jsonl", rows)), val_path=str(write_jsonl(tmp_path / "v.jsonl",
+                 rows[4:])), tokenizer_name_or_path=str(tiny_model), num_few_shot=0)
+    data.setup("fit")
+    assert "2 held-out questions also appear in the training data" in caplog.text
+
+
+def test_parquet_rows_are_numbered(tiny_model, tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "p.parquet"
+    pd.DataFrame([{"question": "A?", "answer": "#### 1"}, {"question": "B?", "answer": "none"}]).to_parquet(path)
+    with pytest.raises(DataError, match="row 2: the 'answer' has no '#### <number>' line"):
+        GSM8K(path=str(path), tokenizer_name_or_path=str(tiny_model)).setup("fit")
 
 
 @pytest.mark.skipif(not SHARED_GSM8K.is_dir(), reason="the shared GSM8K copy is only on the project's machines")
@@ -110,17 +179,36 @@ def test_real_gsm8k_files(tiny_model):
     assert all(parse_number(r["answer"]) is not None for r in data.train_rows + data.val_rows)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from(["question", "answer", "other"]),
-                       st.one_of(st.none(), st.integers(), st.text(max_size=30),
-                                 st.text(max_size=10).map(lambda t: t + "#### " + t))))
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.lists(st.text(max_size=5)), st.integers(), st.dictionaries(
+    st.sampled_from(["question", "answer", "other"]),
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=30),
+              st.text(max_size=10).map(lambda t: t + "#### " + t)))))
 def test_row_parser_accepts_or_explains(row):
+    for truth_required in (True, False):
+        try:
+            parsed = _parse_row(row, truth_required=truth_required)
+        except DataError as error:
+            assert str(error)  # a reason, which check() prefixes with the line number
+        else:
+            assert parsed["question"].strip()
+            assert parsed["answer"] is None and not truth_required or parse_number(parsed["answer"]) is not None
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=40), st.binary(max_size=40).map(lambda b: b.decode("latin-1")),
+                          st.builds(lambda q, a: json.dumps({"question": q, "answer": a}), st.text(max_size=10),
+                                    st.text(max_size=10).map(lambda t: "#### " + t))), max_size=8))
+def test_jsonl_reader_on_arbitrary_lines_reads_or_explains(tmp_path_factory, lines):
+    path = tmp_path_factory.mktemp("fuzz") / "f.jsonl"
+    path.write_text("\n".join(lines).replace("\r", ""), encoding="utf-8", errors="surrogatepass")
+    data = GSM8K(path=str(path), strict=False)
     try:
-        parsed = _parse_row(row, 1, "fuzz.jsonl")
+        rows = data.check(_read_file(str(path)), str(path))
     except DataError as error:
-        assert "fuzz.jsonl: row 1" in str(error)
+        assert str(path) in str(error)
     else:
-        assert set(parsed) == {"question", "answer"} and isinstance(parsed["answer"], str)
+        assert rows and all(r["question"].strip() and parse_number(r["answer"]) is not None for r in rows)
 
 
 def test_hub_path_reads_the_named_config_and_splits(tiny_model, monkeypatch):
@@ -221,7 +309,7 @@ def test_predict_rows_keep_order_and_take_optional_ground_truths(tiny_model, tmp
     assert [(r["index"], r["answer"]) for r in data.predict_rows] == [(0, "1000"), (1, None), (2, "42"), (3, None)]
     assert data.predict_rows[0]["source"] == rows[0]  # the input's own columns travel to the output
     write_jsonl(tmp_path / "bad.jsonl", [{"question": "E?", "answer": "many"}])
-    with pytest.raises(DataError, match="row 1: the answer has no '#### <number>' line"):
+    with pytest.raises(DataError, match="line 1: the 'answer' has no '#### <number>' line"):
         GSM8K(path=str(tmp_path / "bad.jsonl"), tokenizer_name_or_path=str(tiny_model)).setup("predict")
 
 

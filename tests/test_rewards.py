@@ -95,6 +95,24 @@ def test_score_names_the_failing_reward_and_a_sample():
             score([FunctionReward(lambda completions, bad=bad, **_: [bad], name="bad")], ["a"], {})
 
 
+def test_reward_errors_zero_scores_and_counts_the_failures():
+    def boom(completions, **_):
+        raise KeyError("gold")
+
+    rewards = [FunctionReward(boom), FunctionReward(lambda completions, **_: [1.0], name="short"),
+               FunctionReward(lambda completions, **_: [float("inf"), None, 0.5], name="shaky"),
+               FunctionReward(int_reward, "int")]
+    errors: dict[str, int] = {}
+    texts = ["<answer>\n1\n</answer>", "x", "y"]
+    scores = score(rewards, texts, {}, on_error="zero", errors=errors)
+    assert scores == [[0.0] * 3, [0.0] * 3, [0.0, 0.0, 0.5], [0.5, 0.0, 0.0]]
+    assert errors == {"boom": 3, "short": 3, "shaky": 2}
+    with pytest.raises(RewardError, match="or set model.reward_errors: zero"):
+        score(rewards, texts, {})
+    with pytest.raises(ValueError, match="model.reward_errors must be 'raise' or 'zero'"):
+        score(rewards, texts, {}, on_error="ignore")
+
+
 def test_function_reward_from_import_path():
     reward = FunctionReward("qmath.rewards.int_reward", weight=2.0)
     assert reward.name == "int" and reward.weight == 2.0
