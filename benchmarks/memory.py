@@ -189,19 +189,20 @@ def write_prompts(path: Path, model: Path, prompt_length: int, rows: int = 40) -
     module = GSM8K(**{k: v for k, v in data.items() if k in keep}, tokenizer_name_or_path=str(model))
     module.tokenizer = load_tokenizer(str(model))
 
-    def length(words: int) -> int:
-        question = "How many apples " + " ".join(["apples"] * words) + "?"
-        return len(module.tokenizer(module.render(question), add_special_tokens=False)["input_ids"])
+    def question(i: int, words: int) -> str:  # distinct: qmath rejects a data set that repeats a question
+        return f"Crate {i}: how many apples " + " ".join(["apples"] * words) + "?"
 
-    words = max(0, prompt_length - length(0))
-    while words > 0 and length(words) > prompt_length:
-        words -= 1
-    question = "How many apples " + " ".join(["apples"] * words) + "?"
-    if length(words) != prompt_length:
-        raise SystemExit(f"cannot make a {prompt_length}-token prompt: the shortest is {length(0)} tokens")
+    def length(i: int, words: int) -> int:
+        return len(module.tokenizer(module.render(question(i, words)), add_special_tokens=False)["input_ids"])
+
     with path.open("w") as f:
         for i in range(rows):
-            f.write(json.dumps({"question": question, "answer": f"Count them.\n#### {i}"}) + "\n")
+            words = max(0, prompt_length - length(i, 0))
+            while words > 0 and length(i, words) > prompt_length:
+                words -= 1
+            if length(i, words) != prompt_length:
+                raise SystemExit(f"cannot make a {prompt_length}-token prompt: the shortest is {length(i, 0)} tokens")
+            f.write(json.dumps({"question": question(i, words), "answer": f"Count them.\n#### {i}"}) + "\n")
     return path
 
 

@@ -268,7 +268,7 @@ def test_train_loader_serves_one_rollout_per_optimizer_step(tiny_model):
     data = GSM8K(num_train=40, num_val=4, batch_size=2, num_few_shot=0, max_prompt_length=1024,
                  tokenizer_name_or_path=str(tiny_model))
     data.setup("fit")
-    data.trainer = SimpleNamespace(accumulate_grad_batches=3, lightning_module=SimpleNamespace(
+    data.trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=3, lightning_module=SimpleNamespace(
         hparams={"num_iterations": 2}))
     batches = [b["question"] for b in data.train_dataloader()]
     assert len(batches) == (40 // 6) * 6  # 6 rollouts of 3 micro-batches x 2 prompts, each served 3 x 2 times
