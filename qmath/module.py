@@ -70,6 +70,8 @@ class GRPO(LightningModule):
         temperature: sampling temperature for rollouts.
         top_p: nucleus sampling threshold for rollouts (1.0: off).
         top_k: top-k sampling for rollouts (``None``: off).
+        generation_kwargs: further ``generate`` arguments for rollouts, as TRL's option of that name, e.g.
+            ``{min_new_tokens: 96}`` or ``{repetition_penalty: 1.1}``.
         beta: weight of the KL penalty to the frozen reference model. 0 loads no reference model.
         epsilon: clipping range of the probability ratio, ``[1 - epsilon, 1 + epsilon_high]``.
         epsilon_high: upper clipping bound; ``None`` means ``epsilon``. DAPO's clip-higher uses 0.28 with 0.2.
@@ -110,6 +112,7 @@ class GRPO(LightningModule):
         temperature: float = 0.5,
         top_p: float = 1.0,
         top_k: int | None = None,
+        generation_kwargs: dict[str, Any] | None = None,
         beta: float = 0.04,
         epsilon: float = 0.2,
         epsilon_high: float | None = None,
@@ -264,7 +267,8 @@ class GRPO(LightningModule):
     def generate(self, input_ids: Tensor, attention_mask: Tensor, greedy: bool = False) -> tuple[Tensor, ...]:
         """Completion ids, their mask (through the first EOS) and which completions ended with EOS."""
         hp = self.hparams
-        sampling = {} if greedy else {"temperature": hp.temperature, "top_p": hp.top_p, "top_k": hp.top_k or 0}
+        sampling = {} if greedy else {"temperature": hp.temperature, "top_p": hp.top_p, "top_k": hp.top_k or 0,
+                                      **(hp.generation_kwargs or {})}
         eos_ids = self._eos_ids()
         was_training = self.policy.training
         self.policy.eval()  # dropout off while sampling

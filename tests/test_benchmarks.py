@@ -58,3 +58,23 @@ def test_memory_benchmark_measures_a_t4x2_step(tmp_path, logits):
     assert set(result["phases"]) == {"rollout (generate)", "policy forward", "reference forward", "backward",
                                      "optimizer step"}
     assert (GRPO.generate, GRPO.token_logps) == methods  # the probes are gone: later runs are not measured
+
+
+def test_vs_trl_times_qmath_and_the_floor_on_the_tiny_model(tiny_model, tmp_path):
+    from benchmarks import vs_trl
+
+    only = ["qmath", "floor"]
+    try:
+        import trl  # noqa: F401 - an optional extra (vs-trl); without it the TRL side is not run
+        only.append("trl")
+    except ImportError:
+        pass
+    report = vs_trl.main(["--model", str(tiny_model), "--steps", "3", "--length", "8", "--threads", "1",
+                          "--workdir", str(tmp_path), "--only", *only])
+    assert len(report["qmath"]["all_steps_s"]) == 3 and report["qmath"]["step_s"] > 0
+    assert set(report["floor"]["parts"]) == {"generate", "reference forward", "policy forward + backward",
+                                             "AdamW step"}
+    assert report["qmath_over_floor"] == report["qmath"]["step_s"] / report["floor"]["total"]
+    assert all(report[r]["peak_rss_gib"] > 0.1 for r in only if r != "floor")
+    if "trl" in only:
+        assert len(report["trl"]["all_steps_s"]) == 3 and report["qmath_over_trl"] > 0

@@ -256,3 +256,21 @@ def test_mask_truncated_completions_zeroes_their_loss(tiny_model, in_tmp):
     assert micro["loss_mask"].sum() == 0
     before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     assert all(torch.equal(before[k], v) for k, v in cli.model.policy.state_dict().items())
+
+
+def test_generation_kwargs_reach_the_rollouts(tiny_model, in_tmp):
+    import shutil
+
+    from transformers import GenerationConfig
+
+    model = shutil.copytree(tiny_model, in_tmp / "eager-eos")
+    generation = GenerationConfig.from_pretrained(model)
+    generation.sequence_bias = [[[generation.eos_token_id], 100.0]]  # ends every answer at once...
+    generation.save_pretrained(model)
+    args = ["fit", "--config", "cpu", "--config", str(tiny_config(in_tmp, model)), "--trainer.max_steps", "1",
+            "--model.max_completion_length", "6"]
+    main(args)
+    main([*args, "--model.generation_kwargs", "{min_new_tokens: 6}"])  # ...unless told to write 6 tokens
+    short, forced = (scalars(in_tmp / "lightning_logs" / "cpu" / f"version_{v}") for v in (0, 1))
+    assert short["completions/max_length"] == [(0, 1.0)]
+    assert forced["completions/min_length"] == [(0, 6.0)] and forced["completions/clipped_ratio"] == [(0, 1.0)]
