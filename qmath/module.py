@@ -20,6 +20,7 @@ Where this differs from the paper:
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -430,7 +431,11 @@ class GRPO(LightningModule):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                   "use_cache": False}
         if _head_is_linear(model):  # never materialise [B, T, V] logits: see chunked_token_logps
-            hidden = model.get_decoder()(**inputs).last_hidden_state[:, -width - 1:-1]
+            g = self.hparams.num_generations
+            if _groups_share_prompts(model, rollout["prompt_ids"], g):
+                hidden = _shared_prompt_hidden(model.get_decoder(), rollout, position_ids, g)
+            else:
+                hidden = model.get_decoder()(**inputs).last_hidden_state[:, -width - 1:-1]
             head = model.get_output_embeddings()
             return chunked_token_logps(hidden, head.weight, rollout["completion_ids"], self.hparams.temperature,
                                        head.bias)
@@ -581,6 +586,41 @@ class GRPO(LightningModule):
 
 class NonFiniteError(FloatingPointError):
     """Training met non-finite values it cannot step past; the message says what to change."""
+
+
+def _groups_share_prompts(model: Any, prompt_ids: Tensor, g: int) -> bool:
+    """Whether each run of ``g`` rows holds one prompt, and the model can run a prompt once for its group.
+
+    Gradient checkpointing turns the KV cache off in training, so it keeps the plain path.
+    """
+    rows = prompt_ids.size(0)
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x's name
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if g < 2 or rows % g or checkpointing:
+        return False
+    grouped = prompt_ids.view(rows // g, g, -1)
+    return bool((grouped == grouped[:, :1]).all())
+
+
+def _shared_prompt_hidden(decoder: Any, rollout: dict[str, Any], position_ids: Tensor, g: int) -> Tensor:
+    """The last hidden states before each completion token, ``[B, T, H]``, with each prompt run once per group.
+
+    The G completions of a prompt share its forward pass: the prompt runs once, its KV cache is repeated for the G
+    completions (a differentiable copy, so the gradient still reaches the prompt's activations), and only the
+    completion tokens run G times. With prompts of 200 tokens and completions of 96 that is half the tokens.
+    """
+    prompt_mask = rollout["prompt_mask"]
+    width = prompt_mask.size(1)
+    prompt = decoder(input_ids=rollout["prompt_ids"][::g], attention_mask=prompt_mask[::g],
+                     position_ids=position_ids[::g, :width], use_cache=True)
+    cache = getattr(prompt, "cache", None) or prompt.past_key_values  # renamed `cache` in transformers 5.x
+    cache.batch_repeat_interleave(g)
+    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    completion = decoder(input_ids=rollout["completion_ids"], attention_mask=torch.cat([prompt_mask, rollout["mask"]],
+                         dim=1), position_ids=position_ids[:, width:], use_cache=True, **{name: cache})
+    last_prompt = prompt.last_hidden_state[:, -1:].repeat_interleave(g, dim=0)  # predicts the first token
+    return torch.cat([last_prompt, completion.last_hidden_state[:, :-1]], dim=1)
 
 
 @torch.no_grad()

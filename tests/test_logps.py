@@ -54,3 +54,55 @@ def test_soft_capped_logits_keep_the_full_logits_path(tmp_path):
     r = rollout(64, batch=2, width=6)
     assert not _head_is_linear(model)
     torch.testing.assert_close(module.token_logps(model, r), full_logits_logps(module, model, r))
+
+
+def grouped_rollout(vocab: int, prompts: int = 2, g: int = 4, width: int = 12) -> dict:
+    """``prompts`` prompts of different lengths (left padded), each repeated for its ``g`` completions."""
+    torch.manual_seed(1)
+    prompt_ids = torch.randint(3, vocab, (prompts, 7))
+    prompt_mask = torch.ones(prompts, 7, dtype=torch.long)
+    prompt_mask[0, :3] = 0
+    mask = torch.ones(prompts * g, width, dtype=torch.long)
+    mask[1, 5:] = 0
+    return {"prompt_ids": prompt_ids.repeat_interleave(g, 0), "prompt_mask": prompt_mask.repeat_interleave(g, 0),
+            "completion_ids": torch.randint(3, vocab, (prompts * g, width)), "mask": mask}
+
+
+def test_each_prompt_runs_once_for_its_group_with_the_same_values_and_gradients(tiny_model):
+    from unittest import mock
+
+    from qmath.module import _groups_share_prompts
+
+    module = GRPO(model_name_or_path=str(tiny_model), num_generations=4)
+    module.configure_model()
+    model = module.policy
+    r = grouped_rollout(model.config.vocab_size)
+    assert _groups_share_prompts(model, r["prompt_ids"], 4)
+    assert not _groups_share_prompts(model, r["prompt_ids"].roll(1, 0), 4)  # a group with two prompts
+
+    def logps_and_grads(share: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        with mock.patch("qmath.module._groups_share_prompts", lambda *a: share):
+            out = module.token_logps(model, r)
+        (out * r["mask"]).sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    shapes = []
+    decoder, forward = model.get_decoder(), model.get_decoder().forward
+
+    def spy(*args, **kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+
+    assert _head_is_linear(model)  # its one-off check runs the decoder too
+    with mock.patch.object(decoder, "forward", spy):
+        module.token_logps(model, r)
+    assert shapes == [(2, 7), (8, 12)]  # 2 prompts once each, then the 8 completions on their cache
+    shared, shared_grads = logps_and_grads(True)
+    plain, plain_grads = logps_and_grads(False)
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared, full_logits_logps(module, model, r), rtol=1e-5, atol=1e-5)
+    for a, b in zip(shared_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not _groups_share_prompts(model, r["prompt_ids"], 4)  # no KV cache in training under checkpointing
