@@ -265,8 +265,12 @@ class GRPO(LightningModule):
 
     # -- rollout -------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor, greedy: bool = False) -> tuple[Tensor, ...]:
-        """Completion ids, their mask (through the first EOS) and which completions ended with EOS."""
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, greedy: bool = False,
+                 group: int = 1) -> tuple[Tensor, ...]:
+        """Completion ids, their mask (through the first EOS) and which completions ended with EOS.
+
+        ``group``: rows come in runs of this many copies of one prompt, whose prefill then runs once per run.
+        """
         hp = self.hparams
         sampling = {} if greedy else {"temperature": hp.temperature, "top_p": hp.top_p, "top_k": hp.top_k or 0,
                                       **(hp.generation_kwargs or {})}
@@ -277,7 +281,7 @@ class GRPO(LightningModule):
             out = self.policy.generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=hp.max_completion_length,
                 do_sample=not greedy, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos_ids,
-                use_cache=True, **sampling,
+                use_cache=True, **sampling, **_shared_prefill(self.policy, input_ids, attention_mask, group),
             )
         finally:
             self.policy.train(was_training)
@@ -285,12 +289,13 @@ class GRPO(LightningModule):
         mask, terminated = completion_mask(completion_ids, eos_ids)
         return completion_ids, mask, terminated
 
-    def generate_seeded(self, input_ids: Tensor, attention_mask: Tensor, seed: int) -> tuple[Tensor, ...]:
+    def generate_seeded(self, input_ids: Tensor, attention_mask: Tensor, seed: int,
+                        group: int = 1) -> tuple[Tensor, ...]:
         """Sampled completions drawn from a generator seeded with ``seed``; the global RNGs are left as they were."""
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            return self.generate(input_ids, attention_mask)
+            return self.generate(input_ids, attention_mask, group=group)
 
     def rollout(self, batch: dict[str, Any], round_: int = 0) -> dict[str, Any]:
         """Sample ``num_generations`` completions per prompt; the G completions of a prompt are adjacent."""
@@ -302,7 +307,7 @@ class GRPO(LightningModule):
         # across ranks, and a pure function of the step, so a resumed run samples exactly as before.
         seed = ((int(os.environ.get("PL_GLOBAL_SEED", 0)) * 1_000_003 + self.trainer.global_step) * 1009
                 + self.global_rank) * 101 + round_
-        completion_ids, mask, terminated = self.generate_seeded(prompt_ids, prompt_mask, seed)
+        completion_ids, mask, terminated = self.generate_seeded(prompt_ids, prompt_mask, seed, group=g)
         columns = {k: [v for v in values for _ in range(g)] for k, values in batch.items() if isinstance(values, list)}
         texts = self.decode(completion_ids, mask, columns.get("prefix"))
         return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
@@ -530,7 +535,8 @@ class GRPO(LightningModule):
             completion_ids, mask, _ = self.generate(input_ids, attention_mask, greedy=True)
             return self.decode(completion_ids, mask, prefixes), mask.sum(dim=1)
         completion_ids, mask, _ = self.generate_seeded(input_ids.repeat_interleave(samples, dim=0),
-                                                       attention_mask.repeat_interleave(samples, dim=0), seed)
+                                                       attention_mask.repeat_interleave(samples, dim=0), seed,
+                                                       group=samples)
         prefixes = [p for p in prefixes for _ in range(samples)] if prefixes else None
         return self.decode(completion_ids, mask, prefixes), mask.sum(dim=1)
 
@@ -593,14 +599,43 @@ def _groups_share_prompts(model: Any, prompt_ids: Tensor, g: int) -> bool:
 
     Gradient checkpointing turns the KV cache off in training, so it keeps the plain path.
     """
-    rows = prompt_ids.size(0)
     checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x's name
     if checkpointing is None:
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    if g < 2 or rows % g or checkpointing:
+    return not checkpointing and _grouped(prompt_ids, g)
+
+
+def _grouped(prompt_ids: Tensor, g: int) -> bool:
+    """Whether the rows come in runs of ``g`` copies of one prompt."""
+    rows = prompt_ids.size(0)
+    if g < 2 or rows % g:
         return False
     grouped = prompt_ids.view(rows // g, g, -1)
     return bool((grouped == grouped[:, :1]).all())
+
+
+@torch.no_grad()
+def _shared_prefill(model: Any, input_ids: Tensor, attention_mask: Tensor, group: int) -> dict[str, Any]:
+    """``generate`` arguments that start it from a KV cache of each prompt, computed once per group of copies.
+
+    The cache covers all but each prompt's last token, which ``generate`` then runs itself (it needs one token to
+    start from). ``{}`` when the rows are not groups of one prompt or the model returns no cache.
+    """
+    if input_ids.size(1) < 2 or not _grouped(input_ids, group):  # (generation runs in eval: a cache either way)
+        return {}
+    ids, mask = input_ids[::group, :-1], attention_mask[::group, :-1]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
+                use_cache=True, logits_to_keep=1)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return {}
+    cache.batch_repeat_interleave(group)
+    return {_cache_argument(model): cache}
+
+
+def _cache_argument(model: Any) -> str:
+    """What the model's forward calls its KV cache: ``cache`` since transformers 5.x, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _shared_prompt_hidden(decoder: Any, rollout: dict[str, Any], position_ids: Tensor, g: int) -> Tensor:
@@ -616,9 +651,9 @@ def _shared_prompt_hidden(decoder: Any, rollout: dict[str, Any], position_ids: T
                      position_ids=position_ids[::g, :width], use_cache=True)
     cache = getattr(prompt, "cache", None) or prompt.past_key_values  # renamed `cache` in transformers 5.x
     cache.batch_repeat_interleave(g)
-    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     completion = decoder(input_ids=rollout["completion_ids"], attention_mask=torch.cat([prompt_mask, rollout["mask"]],
-                         dim=1), position_ids=position_ids[:, width:], use_cache=True, **{name: cache})
+                         dim=1), position_ids=position_ids[:, width:], use_cache=True,
+                         **{_cache_argument(decoder): cache})
     last_prompt = prompt.last_hidden_state[:, -1:].repeat_interleave(g, dim=0)  # predicts the first token
     return torch.cat([last_prompt, completion.last_hidden_state[:, :-1]], dim=1)
 

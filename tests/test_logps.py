@@ -106,3 +106,28 @@ def test_each_prompt_runs_once_for_its_group_with_the_same_values_and_gradients(
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert not _groups_share_prompts(model, r["prompt_ids"], 4)  # no KV cache in training under checkpointing
+
+
+def test_generation_from_a_shared_prefill_is_exactly_as_before(tiny_model):
+    """Each prompt's prefill runs once for its G copies; greedy and seeded sampled completions are unchanged."""
+    from unittest import mock
+
+    import qmath.module
+
+    module = GRPO(model_name_or_path=str(tiny_model), num_generations=4, max_completion_length=10)
+    module.configure_model()
+    r = grouped_rollout(module.policy.config.vocab_size)
+    ids, mask = r["prompt_ids"], r["prompt_mask"]
+    assert qmath.module._shared_prefill(module.policy, ids, mask, 4)  # it applies here
+    assert not qmath.module._shared_prefill(module.policy, ids.roll(1, 0), mask, 4)  # and not to mixed groups
+
+    def completions(share: bool) -> list[torch.Tensor]:
+        prefill = qmath.module._shared_prefill if share else (lambda *args: {})
+        with mock.patch.object(qmath.module, "_shared_prefill", prefill):
+            greedy = module.generate(ids, mask, greedy=True, group=4)[0]
+            sampled = module.generate_seeded(ids, mask, seed=7, group=4)[0]
+        return [greedy, sampled]
+
+    shared, plain = completions(True), completions(False)
+    assert all(torch.equal(a, b) for a, b in zip(shared, plain))
+    assert not torch.equal(shared[1][0], shared[1][1])  # sampled: the copies of a prompt differ
