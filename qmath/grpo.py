@@ -60,21 +60,24 @@ def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.
 
 def chunked_token_logps(
     hidden: Tensor, weight: Tensor, index: Tensor, temperature: float = 1.0, bias: Tensor | None = None,
-    chunk_size: int = 512,
+    chunk_size: int = 512, recompute_above: int = 256 * 2**20,
 ) -> Tensor:
     """``log_softmax((hidden @ weight.T + bias) / temperature)[..., index]``, ``[B, T]``, from hidden states.
 
     ``hidden`` is ``[B, T, H]`` (the last hidden states), ``weight`` the ``[V, H]`` output embedding. The logits
     exist for ``chunk_size`` tokens at a time only, never for the whole batch: a ``[B, T, V]`` tensor is the usual
     out-of-memory in GRPO (8 x 512 tokens x 151,936 vocabulary is 2.5 GB in fp32, and log-softmax and its gradient
-    need more copies). With autograd on, each chunk is checkpointed, so backward recomputes one chunk's logits
-    instead of keeping them all.
+    need more copies). With autograd on and the batch's logits over ``recompute_above`` bytes, each chunk is
+    checkpointed, so backward recomputes one chunk's logits instead of keeping them all; below it, keeping them
+    costs little memory and saves the recomputation (8 x 96 tokens x 49,152 vocabulary: 151 MB; measured 4% of a
+    step of the embedded model on CPU).
     """
     flat, ids = hidden.reshape(-1, hidden.size(-1)), index.reshape(-1)
     grad = torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad)
+    grad = grad and flat.size(0) * weight.size(0) * flat.element_size() > recompute_above
     out = []
     for h, i in zip(flat.split(chunk_size), ids.split(chunk_size)):
-        if grad:
+        if grad:  # only checkpointing depends on it: without, autograd records the chunk as usual
             out.append(checkpoint(_chunk_logps, h, weight, bias, i, temperature, use_reentrant=False))
         else:
             out.append(_chunk_logps(h, weight, bias, i, temperature))

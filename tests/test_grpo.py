@@ -206,8 +206,9 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("recompute_above", [0, 2**30], ids=["recomputed", "kept"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_chunked_token_logps_matches_full_logits_in_value_and_gradient(temperature):
+def test_chunked_token_logps_matches_full_logits_in_value_and_gradient(temperature, recompute_above):
     torch.manual_seed(0)
     hidden = torch.randn(3, 5, 3, requires_grad=True)
     weight = torch.randn(50, 3, requires_grad=True)
@@ -218,7 +219,8 @@ def test_chunked_token_logps_matches_full_logits_in_value_and_gradient(temperatu
     expected = torch.autograd.grad((full * upstream).sum(), (hidden, weight, bias))
     # 15 tokens in chunks of 4: the last chunk is short
     with LargestTensor() as largest:
-        logps = chunked_token_logps(hidden, weight, index, temperature, bias, chunk_size=4)
+        logps = chunked_token_logps(hidden, weight, index, temperature, bias, chunk_size=4,
+                                    recompute_above=recompute_above)
         grads = torch.autograd.grad((logps * upstream).sum(), (hidden, weight, bias))
     torch.testing.assert_close(logps, full)
     for g, e in zip(grads, expected):
