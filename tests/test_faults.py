@@ -44,7 +44,6 @@ class Poison(Callback):
 
 def poisoned_fit(tmp: Path, model: Path, steps: int, **poison: set[int]) -> tuple[object, Poison]:
     POISON.update({"grad": set(), "loss": set(), **poison})
-    recorder = Poison()
     path = tiny_config(tmp, model)
     config = yaml.safe_load(path.read_text())
     config["trainer"]["callbacks"].append({"class_path": "tests.test_faults.Poison"})
