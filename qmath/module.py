@@ -437,9 +437,10 @@ class GRPO(LightningModule):
                   "use_cache": False}
         if _head_is_linear(model):  # never materialise [B, T, V] logits: see chunked_token_logps
             g = self.hparams.num_generations
+            hidden = None
             if _groups_share_prompts(model, rollout["prompt_ids"], g):
                 hidden = _shared_prompt_hidden(model.get_decoder(), rollout, position_ids, g)
-            else:
+            if hidden is None:
                 hidden = model.get_decoder()(**inputs).last_hidden_state[:, -width - 1:-1]
             head = model.get_output_embeddings()
             return chunked_token_logps(hidden, head.weight, rollout["completion_ids"], self.hparams.temperature,
@@ -626,11 +627,17 @@ def _shared_prefill(model: Any, input_ids: Tensor, attention_mask: Tensor, group
     ids, mask = input_ids[::group, :-1], attention_mask[::group, :-1]
     out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
                 use_cache=True, logits_to_keep=1)
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    cache = _repeated_cache(out, group)
+    return {_cache_argument(model): cache} if cache is not None else {}
+
+
+def _repeated_cache(output: Any, repeats: int) -> Any | None:
+    """The KV cache a forward pass returned, each row repeated ``repeats`` times; ``None`` if it returned none."""
+    cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)  # `cache` in transformers 5
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-        return {}
-    cache.batch_repeat_interleave(group)
-    return {_cache_argument(model): cache}
+        return None
+    cache.batch_repeat_interleave(repeats)
+    return cache
 
 
 def _cache_argument(model: Any) -> str:
@@ -638,8 +645,9 @@ def _cache_argument(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _shared_prompt_hidden(decoder: Any, rollout: dict[str, Any], position_ids: Tensor, g: int) -> Tensor:
-    """The last hidden states before each completion token, ``[B, T, H]``, with each prompt run once per group.
+def _shared_prompt_hidden(decoder: Any, rollout: dict[str, Any], position_ids: Tensor, g: int) -> Tensor | None:
+    """The last hidden states before each completion token, ``[B, T, H]``, with each prompt run once per group;
+    ``None`` if the decoder returns no KV cache to share.
 
     The G completions of a prompt share its forward pass: the prompt runs once, its KV cache is repeated for the G
     completions (a differentiable copy, so the gradient still reaches the prompt's activations), and only the
@@ -649,8 +657,9 @@ def _shared_prompt_hidden(decoder: Any, rollout: dict[str, Any], position_ids: T
     width = prompt_mask.size(1)
     prompt = decoder(input_ids=rollout["prompt_ids"][::g], attention_mask=prompt_mask[::g],
                      position_ids=position_ids[::g, :width], use_cache=True)
-    cache = getattr(prompt, "cache", None) or prompt.past_key_values  # renamed `cache` in transformers 5.x
-    cache.batch_repeat_interleave(g)
+    cache = _repeated_cache(prompt, g)
+    if cache is None:
+        return None
     completion = decoder(input_ids=rollout["completion_ids"], attention_mask=torch.cat([prompt_mask, rollout["mask"]],
                          dim=1), position_ids=position_ids[:, width:], use_cache=True,
                          **{_cache_argument(decoder): cache})
