@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 from lightning import LightningDataModule
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import BatchSampler
 
@@ -213,6 +213,12 @@ class GSM8K(LightningDataModule):
             log.warning("%d held-out questions also appear in the training data: their accuracy is not held out",
                         overlap)
 
+    def prepare_data(self) -> None:
+        """Download a hub data set, once per node (Lightning runs this on each node's local rank 0 first)."""
+        hp = self.hparams
+        if hp.path != "synthetic" and not self._is_file(hp.path):
+            self._load_hub()
+
     def _load_hub(self) -> Any:
         from datasets import load_dataset
 
@@ -325,6 +331,7 @@ class GSM8K(LightningDataModule):
             "question": [row["question"] for row in rows],
             "answer": [row["answer"] for row in rows],
             "prefix": [self.hparams.response_prefix] * len(rows),
+            "padding": torch.tensor([row.get("padding", False) for row in rows]),
         }
 
     def train_dataloader(self) -> StatefulDataLoader:
@@ -371,14 +378,44 @@ class GSM8K(LightningDataModule):
         return self._held_out_loader(self.predict_rows)
 
     def _held_out_loader(self, rows: list[dict[str, Any]]) -> StatefulDataLoader:
-        # Each problem counted once: Lightning's default DistributedSampler pads the last batch with repeats, which
-        # would count a few problems twice in an accuracy. A DistributedSampler is kept as it is by Lightning.
         trainer = self.trainer
-        sampler = None
+        dataset, sampler = rows, None
         if trainer is not None and trainer.world_size > 1:
-            sampler = UnrepeatedDistributedSampler(rows, trainer.world_size, trainer.global_rank, shuffle=False)
-        return StatefulDataLoader(rows, batch_size=max(self.hparams.batch_size, 16), shuffle=False, sampler=sampler,
-                                  collate_fn=self.collate, num_workers=self.hparams.num_workers)
+            dataset = _Padded(rows)
+            sampler = PaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
+        return StatefulDataLoader(dataset, batch_size=max(self.hparams.batch_size, 16), shuffle=False,
+                                  sampler=sampler, collate_fn=self.collate, num_workers=self.hparams.num_workers)
+
+
+class PaddedDistributedSampler(DistributedSampler):
+    """Held-out problems split over ranks in order, each answered on one rank, every rank the same count.
+
+    Lightning's default ``DistributedSampler`` evens the ranks out with repeated problems, which an accuracy would
+    count twice; its ``UnrepeatedDistributedSampler`` leaves one rank a batch short when the count does not divide
+    (1,313 problems on 2 ranks: 657 and 656, 42 and 41 batches of 16), and that rank's peers then run a
+    ``generate`` alone, which hangs under FSDP. Here the short ranks get rows marked ``padding`` instead: answered
+    like the others, never graded or written (``_Padded`` marks the indices past the end). Lightning keeps a
+    ``DistributedSampler`` it is given.
+    """
+
+    def __init__(self, dataset: Any, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas, rank, shuffle=False, drop_last=False)
+
+    def __iter__(self) -> Any:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+
+class _Padded(torch.utils.data.Dataset):
+    """The rows, and past their end copies of the first rows marked ``padding``."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i] if i < len(self.rows) else {**self.rows[i % len(self.rows)], "padding": True}
 
 
 class ShuffleSampler(torch.utils.data.RandomSampler):

@@ -51,6 +51,7 @@ def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.
     """
     out = []
     for rows, ids in zip(logits.split(chunk_size), index.split(chunk_size)):
+        rows = rows.float()  # half-precision logits lose the small log-prob differences the ratio and KL need
         if temperature != 1.0:
             rows = rows / temperature
         picked = rows.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
@@ -71,8 +72,12 @@ def chunked_token_logps(
     checkpointed, so backward recomputes one chunk's logits instead of keeping them all; below it, keeping them
     costs little memory and saves the recomputation (8 x 96 tokens x 49,152 vocabulary: 151 MB; measured 4% of a
     step of the embedded model on CPU).
+
+    The logits and their log-softmax are fp32 whatever the weights' dtype or an enclosing autocast: the k3 KL and
+    the ratio are small differences of log-probs, which bf16's 8 bits of mantissa (0.4% of a logit of 10) drown.
     """
     flat, ids = hidden.reshape(-1, hidden.size(-1)), index.reshape(-1)
+    weight, bias = weight.float(), None if bias is None else bias.float()  # no copy when already fp32
     grad = torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad)
     grad = grad and flat.size(0) * weight.size(0) * flat.element_size() > recompute_above
     out = []
@@ -85,7 +90,8 @@ def chunked_token_logps(
 
 
 def _chunk_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, temperature: float) -> Tensor:
-    logits = F.linear(hidden, weight, bias)
+    with torch.autocast(hidden.device.type, enabled=False):  # 16-mixed would run the head in fp16
+        logits = F.linear(hidden.float(), weight, bias)
     if temperature != 1.0:
         logits = logits.div_(temperature)  # in place: linear's backward does not need its output
     return logits.gather(-1, index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
@@ -133,7 +139,8 @@ def aggregate(
       less per token, which Dr. GRPO shows biases length.
     - ``bnpo``: token sum ÷ the tokens in this batch.
     - ``dr_grpo``: token sum ÷ (``B`` × ``max_completion_length``), a constant.
-    - ``dapo``: token sum ÷ ``num_items``, the tokens of the whole accumulated batch across ranks.
+    - ``dapo``: token sum ÷ ``num_items``: :func:`dapo_num_items`, this micro-batch's share of the tokens of the
+      whole optimizer step across ranks.
     """
     mask = mask.to(per_token.dtype)
     if loss_type == "grpo":
@@ -148,8 +155,22 @@ def aggregate(
     if loss_type == "dapo":
         if num_items is None:
             raise ValueError("loss_type='dapo' needs num_items, the token count of the whole accumulated batch")
-        return total / max(float(num_items), 1.0)
+        return total / num_items
     raise ValueError(f"loss_type must be 'grpo', 'bnpo', 'dr_grpo' or 'dapo', got {loss_type!r}")
+
+
+def dapo_num_items(step_tokens: Tensor, micro_batches: int) -> Tensor:
+    """DAPO's divisor for each micro-batch: the loss tokens of the whole optimizer step (every micro-batch on every
+    rank; at least 1) ÷ the number of those micro-batches.
+
+    Lightning divides each micro-batch's loss by the accumulation steps and DDP averages the gradients over ranks,
+    so the step's gradient is that of ``token sum ÷ step_tokens``. The clamp is on the step's total, as TRL's: a
+    clamp of each share at 1 would shrink the gradient of a step with fewer tokens than micro-batches.
+
+    >>> dapo_num_items(torch.tensor(1.0), micro_batches=4), dapo_num_items(torch.tensor(0.0), micro_batches=2)
+    (tensor(0.2500), tensor(0.5000))
+    """
+    return step_tokens.float().clamp(min=1.0) / micro_batches
 
 
 def grpo_loss(

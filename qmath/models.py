@@ -120,6 +120,27 @@ def convert_gguf(path: Path) -> Path:
     return target
 
 
+# What ``download`` fetches of a hub repository: config, tokenizer and safetensors weights, not other formats.
+DOWNLOADED = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"]
+
+
+def download(model_name_or_path: str) -> str:
+    """Fetch a hub model's files into the Hugging Face cache (or convert a GGUF file) without loading it.
+
+    For ``prepare_data``, which Lightning runs once per node while the other ranks wait, so that they load from the
+    cache instead of downloading the same files at once. A repository without safetensors weights is fetched by
+    ``from_pretrained`` itself later. Returns the name ``from_pretrained`` then reads.
+    """
+    name = _checked(resolve(model_name_or_path))
+    if Path(name).exists():
+        return name
+    from huggingface_hub import snapshot_download
+
+    with _explained(model_name_or_path):
+        snapshot_download(name, allow_patterns=DOWNLOADED)
+    return name
+
+
 def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False):
     """The tokenizer, set up for batched generation: left padding, a pad token, and a chat template."""
     from transformers import AutoTokenizer

@@ -23,7 +23,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -31,28 +30,31 @@ import torch
 from lightning import LightningModule
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torchmetrics import MeanMetric, SumMetric
+from torchmetrics import MaxMetric, MeanMetric, MinMetric, SumMetric
 
+from qmath.generation import MAJ_K, PROMPTS, check_generation_kwargs, generation_config, ids_only, seed_for
 from qmath.grpo import (
     LossType,
     ScaleRewards,
     chunked_token_logps,
     completion_mask,
+    dapo_num_items,
     group_advantages,
     grpo_loss,
     selective_log_softmax,
 )
 from qmath.metrics import GRADES, grade, majority_vote, strict_answer
-from qmath.models import EMBEDDED_MODEL, load_model, load_tokenizer
+from qmath.models import EMBEDDED_MODEL, download, load_model, load_tokenizer
 from qmath.rewards import Reward, default_rewards, parse_number, score
 
 log = logging.getLogger(__name__)
 
-TRAIN_STATS = ["loss", "reward", "accuracy", "reward_std", "frac_reward_zero_std", "completions/mean_length",
-               "completions/min_length", "completions/max_length", "completions/clipped_ratio", "kl",
-               "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-               "dynamic_sampling/dropped_groups", "dynamic_sampling/drawn_prompts", "completions_per_step"]
+TRAIN_STATS = ["loss", "reward", "accuracy", "reward_std", "reward_std/group_mean", "frac_reward_zero_std",
+               "completions/mean_length", "completions/clipped_ratio", "kl", "clip_ratio/low_mean",
+               "clip_ratio/high_mean", "clip_ratio/region_mean", "dynamic_sampling/dropped_groups",
+               "dynamic_sampling/drawn_prompts", "completions_per_step"]
 EVAL_STATS = [*GRADES, "completions/mean_length"]
 
 
@@ -72,7 +74,9 @@ class GRPO(LightningModule):
         top_p: nucleus sampling threshold for rollouts (1.0: off).
         top_k: top-k sampling for rollouts (``None``: off).
         generation_kwargs: further ``generate`` arguments for rollouts, as TRL's option of that name, e.g.
-            ``{min_new_tokens: 96}`` or ``{repetition_penalty: 1.1}``.
+            ``{min_new_tokens: 96}``. Nothing else of the model's own ``generation_config.json`` applies (Qwen2.5's
+            ``repetition_penalty: 1.1`` would make the sampled distribution differ from the one the loss scores);
+            an option here that changes it, such as ``repetition_penalty``, is warned about at start-up.
         beta: weight of the KL penalty to the frozen reference model. 0 loads no reference model.
         epsilon: clipping range of the probability ratio, ``[1 - epsilon, 1 + epsilon_high]``.
         epsilon_high: upper clipping bound; ``None`` means ``epsilon``. DAPO's clip-higher uses 0.28 with 0.2.
@@ -149,6 +153,10 @@ class GRPO(LightningModule):
             raise ValueError(f"model.max_skipped_steps must be at least 1, got {max_skipped_steps}")
         if max_sampling_rounds < 0:
             raise ValueError(f"model.max_sampling_rounds must be at least 0, got {max_sampling_rounds}")
+        distorting = check_generation_kwargs(generation_kwargs)
+        if distorting:
+            rank_zero_warn(f"model.generation_kwargs {distorting} change the distribution rollouts are sampled from, "
+                           "so the loss (ratio and KL) no longer scores the distribution the completions came from")
         self.save_hyperparameters(ignore=["rewards", "optimizer", "lr_scheduler"])
         self.rewards: list[Reward] = list(rewards) if rewards is not None else default_rewards()
         names = [r.name for r in self.rewards]
@@ -161,7 +169,9 @@ class GRPO(LightningModule):
         # Accumulated over an optimizer step's micro-batches, then computed (synced across ranks) and reset.
         self.train_stats = torch.nn.ModuleDict(
             {name: MeanMetric() for name in [f"rewards/{n}/mean" for n in names] + TRAIN_STATS}
-            | {"reward_errors": SumMetric()}
+            # extremes over the step's micro-batches and all ranks, not the mean of each rank's extreme
+            | {"reward_errors": SumMetric(), "completions/min_length": MinMetric(),
+               "completions/max_length": MaxMetric()}
         )
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, over the whole run
         self.skipped_in_a_row = 0
@@ -181,12 +191,17 @@ class GRPO(LightningModule):
         # Kept outside the module tree: never in the optimizer, the state dict or a checkpoint.
         return self.__dict__.get("_reference")
 
+    def prepare_data(self) -> None:
+        download(self.hparams.model_name_or_path)  # once per node; every rank loads from the cache in configure_model
+
     def configure_model(self) -> None:
         if self.policy is not None:
             return
         hp = self.hparams
         self.tokenizer = load_tokenizer(hp.model_name_or_path, hp.trust_remote_code)
         self.policy = load_model(hp.model_name_or_path, hp.trust_remote_code).train()  # from_pretrained gives eval
+        # every generate call gets qmath's explicit config: nothing of the checkpoint's may fill its gaps
+        self.policy.generation_config = ids_only(self.policy.generation_config)
         if hp.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.policy.config.use_cache = False
@@ -195,7 +210,10 @@ class GRPO(LightningModule):
         # Only training needs the reference; it is always the base weights, also when fit resumes a checkpoint.
         hp = self.hparams
         if hp.beta != 0.0 and self.reference is None:
-            reference = load_model(hp.model_name_or_path, hp.trust_remote_code).eval().requires_grad_(False)
+            # in the policy's dtype: this hook runs outside Lightning's init context, where bf16-true and 16-true
+            # would have made the default dtype half precision
+            reference = load_model(hp.model_name_or_path, hp.trust_remote_code, dtype=self.policy.dtype)
+            reference = reference.eval().requires_grad_(False)
             self.__dict__["_reference"] = reference.to(self.device)
 
     # Sampling is seeded per step, but anything else random (dropout, a user's reward) draws from the global RNGs,
@@ -213,7 +231,7 @@ class GRPO(LightningModule):
             raise NonFiniteError(f"refusing to save a checkpoint with non-finite weights ({len(bad)} tensors, e.g. "
                                  f"{bad[0]}); the last saved checkpoint is kept")
         if self.hparams.num_iterations > 1:  # a checkpoint may fall between the μ steps that reuse one rollout
-            checkpoint["qmath_rollout"] = [_to_cpu(m) for m in self.micro_batches]
+            checkpoint["qmath_rollouts"] = self._every_ranks([_to_cpu(m) for m in self.micro_batches])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_base(checkpoint)
@@ -222,7 +240,17 @@ class GRPO(LightningModule):
         if self._rng_states:
             kind, keys, *rest = self._rng_states["numpy"]
             self._rng_states["numpy"] = (kind, keys.numpy().astype("uint32"), *rest)
-        self.micro_batches = checkpoint.get("qmath_rollout", [])
+        # each rank continues on its own rollout; with another number of ranks, the next step samples anew
+        rollouts = checkpoint.get("qmath_rollouts", [])
+        self.micro_batches = rollouts[self.global_rank] if len(rollouts) == self.trainer.world_size else []
+
+    def _every_ranks(self, value: Any) -> list[Any]:
+        """``value`` from every rank, in rank order (only rank 0 writes the checkpoint)."""
+        if self.trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return [value]
+        gathered: list[Any] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
 
     def _base_identity(self) -> dict[str, Any]:
         """What a checkpoint's weights only fit: the base model's name and its tokenizer's vocabulary."""
@@ -272,17 +300,15 @@ class GRPO(LightningModule):
         ``group``: rows come in runs of this many copies of one prompt, whose prefill then runs once per run.
         """
         hp = self.hparams
-        sampling = {} if greedy else {"temperature": hp.temperature, "top_p": hp.top_p, "top_k": hp.top_k or 0,
-                                      **(hp.generation_kwargs or {})}
         eos_ids = self._eos_ids()
+        config = generation_config(max_new_tokens=hp.max_completion_length, eos_token_id=eos_ids,
+                                   pad_token_id=self.tokenizer.pad_token_id, greedy=greedy, temperature=hp.temperature,
+                                   top_p=hp.top_p, top_k=hp.top_k, generation_kwargs=hp.generation_kwargs)
         was_training = self.policy.training
         self.policy.eval()  # dropout off while sampling
         try:
-            out = self.policy.generate(
-                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=hp.max_completion_length,
-                do_sample=not greedy, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos_ids,
-                use_cache=True, **sampling, **_shared_prefill(self.policy, input_ids, attention_mask, group),
-            )
+            out = self.policy.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                       **_shared_prefill(self.policy, input_ids, attention_mask, group))
         finally:
             self.policy.train(was_training)
         completion_ids = out[:, input_ids.size(1):]
@@ -305,8 +331,7 @@ class GRPO(LightningModule):
         # seed_everything gives every rank the same RNG stream, which would draw the same random numbers for
         # different prompts on each rank. Sampling is seeded by (seed, step, rank, round) instead: independent
         # across ranks, and a pure function of the step, so a resumed run samples exactly as before.
-        seed = ((int(os.environ.get("PL_GLOBAL_SEED", 0)) * 1_000_003 + self.trainer.global_step) * 1009
-                + self.global_rank) * 101 + round_
+        seed = seed_for(self.trainer.global_step, self.global_rank, round_)
         completion_ids, mask, terminated = self.generate_seeded(prompt_ids, prompt_mask, seed, group=g)
         columns = {k: [v for v in values for _ in range(g)] for k, values in batch.items() if isinstance(values, list)}
         texts = self.decode(completion_ids, mask, columns.get("prefix"))
@@ -330,10 +355,12 @@ class GRPO(LightningModule):
         dropped, drawn = int((~informative).sum()), 0
         for round_ in range(self.hparams.max_sampling_rounds):
             missing = wanted - int(informative.sum())
-            if missing <= 0:
+            # All ranks run a round while any rank needs one: under FSDP, generate is a collective. A rank that
+            # needs none samples one prompt to keep in step, and keeps its own groups.
+            if not self.trainer.strategy.reduce_boolean_decision(missing > 0, all=False):
                 break
-            # a pure function of (step, rank, round), so a resumed run draws the same prompts
-            seed = (self.trainer.global_step * 1_000_003 + self.global_rank) * 101 + round_
+            missing = max(missing, 1)
+            seed = seed_for(self.trainer.global_step, self.global_rank, round_, stream=PROMPTS)
             extra = self.rollout(_to_device(datamodule.draw(missing, seed), self.device), round_ + 1)
             extra_raw = self.score(extra)
             extra_informative = self._informative(extra_raw)
@@ -374,14 +401,15 @@ class GRPO(LightningModule):
         """Group-relative advantages of the weighted reward, and the reward and length statistics."""
         hp = self.hparams
         total = self._total(raw)
-        # "batch" scaling uses the std over the whole step, every rank's rewards included
-        everyone = self.all_gather(total).flatten() if hp.scale_rewards == "batch" else None
+        # the whole step's rewards, every rank's: for "batch" scaling and TRL's reward_std
+        everyone = self.all_gather(total).flatten()
         advantages, group_std = group_advantages(total, hp.num_generations, hp.scale_rewards, batch_rewards=everyone)
         lengths = rollout["mask"].sum(dim=1).float()
         stats = {f"rewards/{r.name}/mean": raw[i] for i, r in enumerate(self.rewards)}
         stats |= {
             "reward": total,
-            "reward_std": group_std[:: hp.num_generations],
+            "reward_std": everyone.std(),  # TRL's: the std of all the step's rewards
+            "reward_std/group_mean": group_std[:: hp.num_generations],
             "frac_reward_zero_std": (group_std[:: hp.num_generations] < 1e-6).float(),
             "completions/mean_length": lengths,
             "completions/min_length": lengths.min(),
@@ -416,7 +444,7 @@ class GRPO(LightningModule):
         tokens = loss_mask.sum().float()
         if self.trainer.world_size > 1 and self.hparams.loss_type == "dapo":
             tokens = self.all_gather(tokens).sum()
-        num_items = tokens / (accumulate * self.trainer.world_size)
+        num_items = dapo_num_items(tokens, accumulate * self.trainer.world_size)
         stats = rollout.pop("stats")
         stats["completions_per_step"] = torch.tensor(float(len(rollout["texts"]) * self.trainer.world_size))
         micro_batches = [_trim(m) for m in _split(rollout, accumulate)]
@@ -479,13 +507,19 @@ class GRPO(LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Skip the step when the loss or a gradient is not finite, so that no NaN reaches the weights or Adam."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        norms = torch.stack(torch._foreach_norm(grads)) if grads else torch.zeros(1, device=self.device)
-        finite = bool(torch.isfinite(norms).all()) and not self._loss_not_finite
+        """Skip the step when the loss or a gradient is not finite, so that no NaN reaches the weights or Adam.
+
+        Under 16-mixed, fp16 gradients that overflow are the GradScaler's to handle: it skips that step itself and
+        lowers its scale, which is how it finds the scale to use, so only a non-finite loss counts there.
+        """
+        finite = not self._loss_not_finite
+        self._loss_not_finite = False
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            norms = torch.stack(torch._foreach_norm(grads)) if grads else torch.zeros(1, device=self.device)
+            finite = finite and bool(torch.isfinite(norms).all())
         # all ranks must agree (under FSDP each sees only its shard of the gradients)
         finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        self._loss_not_finite = False
         if finite:
             self.skipped_in_a_row = 0
         else:
@@ -550,7 +584,7 @@ class GRPO(LightningModule):
         k = self.hparams.maj_k
         if k:
             # a pure function of (seed, batch, rank), so an evaluation is repeatable
-            seed = (int(os.environ.get("PL_GLOBAL_SEED", 0)) * 1_000_003 + batch_idx) * 1009 + self.global_rank
+            seed = seed_for(batch_idx, self.global_rank, stream=MAJ_K)
             sampled, _ = self.answer(batch, samples=k, seed=seed)
             answers = [strict_answer(t) for t in sampled]
             votes = [majority_vote(answers[i * k:(i + 1) * k]) for i in range(len(texts))]
@@ -558,21 +592,25 @@ class GRPO(LightningModule):
                                                        dtype=torch.float)
             values[f"pass@{k}"] = torch.tensor([t is not None and t in answers[i * k:(i + 1) * k]
                                                 for i, t in enumerate(truths)], dtype=torch.float)
+        graded = _graded(batch)  # not the rows that only even out the ranks' batch counts
+        if not graded:
+            return
+        values = {name: value[graded] for name, value in values.items()}
         self.val_records += [
-            {"question": q, "answer": a, "completion": t, "strict": bool(s), "lenient": bool(n), "format": bool(f)}
-            for q, a, t, s, n, f in zip(batch["question"], batch["answer"], texts, values["accuracy_strict"],
-                                        values["accuracy_lenient"], values["format_rate"])
+            {"question": batch["question"][i], "answer": batch["answer"][i], "completion": texts[i],
+             "strict": bool(s), "lenient": bool(n), "format": bool(f)}
+            for i, s, n, f in zip(graded, values["accuracy_strict"], values["accuracy_lenient"], values["format_rate"])
         ]
         for name, value in values.items():
             metrics[name].update(value.to(self.device))
             # the metric object, not a tensor: Lightning computes it once per epoch, summed over every rank
             self.log(f"{stage}/{name}", metrics[name], on_step=False, on_epoch=True,
-                     prog_bar=name in ("accuracy_strict", "format_rate"), batch_size=len(texts))
+                     prog_bar=name in ("accuracy_strict", "format_rate"), batch_size=len(graded))
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Greedy answers, one record per problem; :class:`qmath.callbacks.WritePredictions` writes them in order."""
         texts, lengths = self.answer(batch)
-        graded = grade(texts, batch["answer"])
+        graded, kept = grade(texts, batch["answer"]), _graded(batch)
         prompts = self.tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(batch["input_ids"],
                                                                                batch["attention_mask"])])
         return [
@@ -581,6 +619,7 @@ class GRPO(LightningModule):
              "correct_lenient": graded["accuracy_lenient"][j] if a is not None else None,
              "format": graded["format_rate"][j], "completion_tokens": int(n)}
             for j, (i, t, a, n) in enumerate(zip(batch["index"].tolist(), texts, batch["answer"], lengths))
+            if j in kept
         ]
 
     def _eos_ids(self) -> list[int]:
@@ -691,6 +730,12 @@ def _head_is_linear(model: Any) -> bool:
                 model.train(was_training)
         model._qmath_head_is_linear = ok
     return model._qmath_head_is_linear
+
+
+def _graded(batch: dict[str, Any]) -> list[int]:
+    """The rows of a held-out batch to grade: all but the padding that evens out the ranks' batch counts."""
+    padding = batch.get("padding")
+    return [i for i in range(len(batch["question"])) if padding is None or not bool(padding[i])]
 
 
 def _number_text(value: Any) -> str | None:

@@ -58,6 +58,36 @@ def make_tiny_model(directory: Path, chat_template: str | None = CHAT_TEMPLATE) 
     return directory
 
 
+def make_qwen_like(directory: Path, repetition_penalty: float = 1.5) -> Path:
+    """A 2-layer random Qwen2 with Qwen2.5-Instruct's traits: its generation_config.json (sampling defaults, with
+    an exaggerated ``repetition_penalty``), two EOS ids (``<|im_end|>``, ``<|endoftext|>``), pad = ``<|endoftext|>``,
+    no BOS token. Weights of std 0.5 make its next-token distributions peaked, as a trained model's are, so that a
+    penalty visibly moves them."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = make_tokenizer()
+    tokenizer.bos_token = None
+    end, im_end = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         tie_word_embeddings=True, initializer_range=0.5, bos_token_id=end, eos_token_id=im_end,
+                         pad_token_id=end)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=end, eos_token_id=[im_end, end], pad_token_id=end,
+                                               do_sample=True, repetition_penalty=repetition_penalty,
+                                               temperature=0.7, top_p=0.8, top_k=20)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def qwen_like(tmp_path_factory) -> Path:
+    return make_qwen_like(tmp_path_factory.mktemp("qwen-like"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

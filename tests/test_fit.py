@@ -208,7 +208,7 @@ def test_resume_between_reuses_of_a_rollout(tiny_model, in_tmp):
                      "--trainer.logger.init_args.name", "once"])
     main(["fit", "--config", "cpu", "--config", config, *mu, "--trainer.max_steps", "1"])  # stops mid-rollout
     ckpt = torch.load(in_tmp / "lightning_logs" / "cpu" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert len(ckpt["qmath_rollout"]) == 1 and "old_logps" in ckpt["qmath_rollout"][0]
+    assert [len(r) for r in ckpt["qmath_rollouts"]] == [1] and "old_logps" in ckpt["qmath_rollouts"][0][0]
     resumed = main(["fit", "--config", "cpu", "--config", config, *mu, "--trainer.max_steps", "3",
                     "--ckpt_path", "last"])
     assert resumed.model.last_rollout["question"] == straight.model.last_rollout["question"]
@@ -259,18 +259,13 @@ def test_mask_truncated_completions_zeroes_their_loss(tiny_model, in_tmp):
 
 
 def test_generation_kwargs_reach_the_rollouts(tiny_model, in_tmp):
-    import shutil
-
     from transformers import GenerationConfig
 
-    model = shutil.copytree(tiny_model, in_tmp / "eager-eos")
-    generation = GenerationConfig.from_pretrained(model)
-    generation.sequence_bias = [[[generation.eos_token_id], 100.0]]  # ends every answer at once...
-    generation.save_pretrained(model)
-    args = ["fit", "--config", "cpu", "--config", str(tiny_config(in_tmp, model)), "--trainer.max_steps", "1",
+    eos = GenerationConfig.from_pretrained(tiny_model).eos_token_id
+    args = ["fit", "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)), "--trainer.max_steps", "1",
             "--model.max_completion_length", "6"]
-    main(args)
-    main([*args, "--model.generation_kwargs", "{min_new_tokens: 6}"])  # ...unless told to write 6 tokens
+    main([*args, "--model.generation_kwargs", f"{{sequence_bias: [[[{eos}], 100.0]]}}"])  # ends every answer at once
+    main([*args, "--model.generation_kwargs", "{min_new_tokens: 6}"])  # ...or makes it write 6 tokens
     short, forced = (scalars(in_tmp / "lightning_logs" / "cpu" / f"version_{v}") for v in (0, 1))
     assert short["completions/max_length"] == [(0, 1.0)]
     assert forced["completions/min_length"] == [(0, 6.0)] and forced["completions/clipped_ratio"] == [(0, 1.0)]
