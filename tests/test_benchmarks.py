@@ -78,3 +78,27 @@ def test_vs_trl_times_qmath_and_the_floor_on_the_tiny_model(tiny_model, tmp_path
     assert all(report[r]["peak_rss_gib"] > 0.1 for r in only if r != "floor")
     if "trl" in only:
         assert len(report["trl"]["all_steps_s"]) == 3 and report["qmath_over_trl"] > 0
+
+
+def test_gpu_check_runs_its_tiny_mode_on_cpu(tiny_model, tmp_path, monkeypatch):
+    from benchmarks import gpu_check
+
+    only = ["qmath 32-true", "qmath 16-mixed"]
+    try:
+        import trl  # noqa: F401 - an optional extra (vs-trl); without it the TRL run is not made
+        only.append("TRL 32-true")
+    except ImportError:
+        pass
+    monkeypatch.setenv("OUT", str(tmp_path))
+    report = gpu_check.main(["--tiny", "--steps", "2", "--prompt-length", "160", "--tokenizer", str(tiny_model),
+                             "--workdir", str(tmp_path / "work"), "--only", *only])
+    runs = report["runs"]
+    assert all("error" not in runs[role] for role in only), runs
+    for role in only[:2]:
+        run = runs[role]
+        assert (run["completions"], run["completion_length"], run["prompt_length"]) == (8, 16, 160)
+        assert set(run["phases"]) == {"generate", "reference forward", "policy forward + backward", "optimizer"}
+        assert 0 < sum(run["phases"].values()) <= run["step_s"] * 1.01  # the phases are parts of the step
+        assert run["tokens_per_s"] == pytest.approx(8 * 16 / run["phases"]["generate"])
+    assert report["ratios"]["16-mixed / 32-true step time"] > 0
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["runs"].keys() == set(only)

@@ -20,7 +20,10 @@ from tests.conftest import ROOT, make_tiny_model
 from tests.test_fit import scalars, tiny_config
 
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-SMALL = ["--model.num_generations", "4", "--data.batch_size", "2", "--trainer.callbacks+", "tests.test_ddp.RecordRanks"]
+# An EOS bias (<|im_end|> is id 2 in conftest's tokenizer: its special tokens come first) so that the tiny model's
+# completions end at different lengths on each rank, as a real model's do.
+SMALL = ["--model.num_generations", "4", "--data.batch_size", "2", "--trainer.callbacks+", "tests.test_ddp.RecordRanks",
+         "--model.generation_kwargs", "{sequence_bias: [[[2], 3.0]]}"]
 
 
 class RecordRanks(Callback):
@@ -30,8 +33,11 @@ class RecordRanks(Callback):
         self.steps: list[dict] = []
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        rollout = pl_module.last_rollout
-        self.steps.append({"question": rollout["question"], "reward": rollout["reward"]})
+        rollout = pl_module.last_rollout  # as scored at this step; empty on a step that reuses a resumed rollout
+        micro = pl_module.micro_batches
+        self.steps.append({"question": rollout.get("question"), "reward": rollout.get("reward"),
+                           "texts": [t for m in micro for t in m["texts"]],
+                           "lengths": [int(n) for m in micro for n in m["mask"].sum(dim=1)]})
 
     def on_train_end(self, trainer, pl_module) -> None:
         checksum = sum(p.detach().double().sum().item() for p in pl_module.policy.parameters())
@@ -113,6 +119,77 @@ def test_ddp_resume_repeats_the_uninterrupted_run(ddp_run, tiny_model, in_tmp):
         assert after[rank]["checksum"] == pytest.approx(uninterrupted[rank]["checksum"], rel=1e-6, abs=1e-6)
 
 
+def test_ddp_logs_trl_reward_std_and_length_extremes_over_both_ranks(ddp_run):
+    records, logged = ranks(ddp_run), scalars(ddp_run / "lightning_logs" / "cpu" / "version_0")
+    for step in range(3):
+        both = torch.tensor([x for r in records for x in r["steps"][step]["reward"]])
+        assert dict(logged["reward_std"])[step] == pytest.approx(both.std().item(), rel=1e-5)  # TRL's: all rewards
+        lengths = [r["steps"][step]["lengths"] for r in records]
+        assert dict(logged["completions/min_length"])[step] == min(lengths[0] + lengths[1])
+        assert dict(logged["completions/max_length"])[step] == max(lengths[0] + lengths[1])
+    # the ranks' extremes differ at some step, so a mean of per-rank extremes would have failed above
+    assert any(min(r["steps"][s]["lengths"]) != min(records[0]["steps"][s]["lengths"]) or
+               max(r["steps"][s]["lengths"]) != max(records[0]["steps"][s]["lengths"])
+               for r in records[1:] for s in range(3))
+
+
+def rank_reward(completions, **_):
+    """Informative groups on rank 0 (rewards alternate), uninformative ones on rank 1 (all zero)."""
+    informative = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    return [float(i % 2) if informative else 0.0 for i in range(len(completions))]
+
+
+class CountRollouts(Callback):
+    """Counts each rank's rollout calls (one per sampling round) and writes them to rollouts-<rank>.json."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self.calls = 0
+        rollout = pl_module.rollout
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return rollout(*args, **kwargs)
+
+        pl_module.rollout = counted
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        Path(f"rollouts-{trainer.global_rank}.json").write_text(json.dumps(self.calls))
+
+
+def test_dynamic_sampling_runs_the_same_rounds_on_every_rank(tiny_model, in_tmp):
+    config = yaml.safe_load(tiny_config(in_tmp, tiny_model).read_text())
+    config["model"]["rewards"] = [{"class_path": "qmath.rewards.FunctionReward",
+                                   "init_args": {"function": "tests.test_ddp.rank_reward", "name": "rank"}}]
+    (in_tmp / "dynamic.yaml").write_text(yaml.safe_dump(config))
+    run = fit(in_tmp, "--config", "cpu", "--config", "dynamic.yaml", *DDP, *SMALL, "--model.dynamic_sampling",
+              "true", "--model.max_sampling_rounds", "2", "--trainer.max_steps", "2", "--trainer.callbacks+",
+              "tests.test_ddp.CountRollouts", timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # rank 1 needs both extra rounds at each step, rank 0 none: under FSDP a round on one rank alone would hang
+    calls = [json.loads((in_tmp / f"rollouts-{r}.json").read_text()) for r in (0, 1)]
+    assert calls == [2 * 3, 2 * 3]
+    records = ranks(in_tmp)
+    for step in records[0]["steps"]:  # rank 0 keeps its own informative groups, none drawn for the round
+        assert step["reward"] == [0.0, 1.0] * 4
+
+
+def test_ddp_resume_between_reuses_of_a_rollout_repeats_the_uninterrupted_run(tiny_model, tmp_path_factory):
+    mu = ["--model.num_iterations", "2", "--trainer.val_check_interval", "3"]
+    straight, stopped = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("stopped")
+    for directory, steps in ((straight, 3), (stopped, 1)):  # step 1 reuses step 0's rollout
+        run = fit(directory, "--config", "cpu", "--config", str(tiny_config(directory, tiny_model)), *DDP, *SMALL,
+                  *mu, "--trainer.max_steps", str(steps))
+        assert run.returncode == 0, run.stderr[-3000:]
+    resumed = fit(stopped, "--config", "cpu", "--config", str(tiny_config(stopped, tiny_model)), *DDP, *SMALL, *mu,
+                  "--trainer.max_steps", "3", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    uninterrupted, after = ranks(straight), ranks(stopped)
+    assert uninterrupted[0]["steps"][1]["texts"] != uninterrupted[1]["steps"][1]["texts"]
+    for rank in (0, 1):  # each rank trains on its own rollout after the resume, as it did without one
+        assert [s["texts"] for s in after[rank]["steps"]] == [s["texts"] for s in uninterrupted[rank]["steps"][1:]]
+        assert after[rank]["checksum"] == pytest.approx(uninterrupted[rank]["checksum"], rel=1e-6, abs=1e-6)
+
+
 @pytest.mark.parametrize("failing_rank", [0, 1])
 def test_an_exception_on_one_rank_ends_the_job_within_seconds(tiny_model, in_tmp, failing_rank):
     config = yaml.safe_load(tiny_config(in_tmp, tiny_model).read_text())
@@ -133,13 +210,12 @@ def test_an_exception_on_one_rank_ends_the_job_within_seconds(tiny_model, in_tmp
 def test_the_t4x2_config_runs_with_only_model_data_and_accelerator_overridden(tmp_path):
     """configs/t4x2.yaml as shipped: 2-process DDP, 400 steps, validation, checkpoints, LogCompletions."""
     model = make_tiny_model(tmp_path / "model")
-    # the tiny model ends every answer at once (an EOS bias in its generation config): 512-token answers from a
-    # random model would make this a long test without proving more about the distributed section
-    generation = GenerationConfig.from_pretrained(model)
-    generation.sequence_bias = [[[generation.eos_token_id], 100.0]]
-    generation.save_pretrained(model)
+    # the tiny model's rollouts end at once (an EOS bias): 512-token answers from a random model would make this a
+    # long test without proving more about the distributed section
+    eos = GenerationConfig.from_pretrained(model).eos_token_id
     run = fit(tmp_path, "--config", str(ROOT / "configs" / "t4x2.yaml"), "--model.model_name_or_path", str(model),
-              "--data.path", "synthetic", "--trainer.accelerator", "cpu", timeout=900)
+              "--model.generation_kwargs", f"{{sequence_bias: [[[{eos}], 100.0]]}}", "--data.path", "synthetic",
+              "--trainer.accelerator", "cpu", timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "x 2 device(s) = 2 prompts, 16 completions per optimizer step" in run.stdout
     logs = tmp_path / "lightning_logs" / "t4x2"

@@ -15,7 +15,9 @@ from qmath.metrics import grade, majority_vote, strict_answer
 from tests.test_ddp import DDP, fit
 from tests.test_fit import tiny_config
 
-N = 11  # odd, so the two ranks get 6 and 5 problems: a padded sampler would count one twice
+# Odd, so the two ranks get 17 and 16 problems: a sampler padded with repeats would count one twice, and an
+# unpadded split would serve them as 2 and 1 batches of 16 (a rank's lone generate hangs FSDP).
+N = 33
 K = 3
 
 
@@ -55,6 +57,13 @@ class CraftedAnswers(Callback):
             return texts, torch.full((len(texts),), 5)
 
         pl_module.answer = answer
+        self.batches = 0
+
+    def on_validation_batch_end(self, *args) -> None:
+        self.batches += 1
+
+    def on_test_batch_end(self, *args) -> None:
+        self.batches += 1
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self._write(trainer, pl_module, "validate")
@@ -65,7 +74,8 @@ class CraftedAnswers(Callback):
     def _write(self, trainer, pl_module, stage) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         seen = sorted(int(r["question"].split()[1].rstrip(":")) for r in pl_module.val_records)
-        Path(f"{stage}-{trainer.global_rank}.json").write_text(json.dumps({"metrics": metrics, "seen": seen}))
+        Path(f"{stage}-{trainer.global_rank}.json").write_text(json.dumps({"metrics": metrics, "seen": seen,
+                                                                          "batches": self.batches}))
 
 
 def problems(directory: Path, n: int = N) -> Path:
@@ -100,6 +110,7 @@ def test_accuracy_is_synced_over_two_ranks_for_validate_and_test(tiny_model, in_
         ranks = [json.loads((in_tmp / f"{stage}-{r}.json").read_text()) for r in (0, 1)]
         seen = [r["seen"] for r in ranks]
         assert sorted(seen[0] + seen[1]) == list(range(N))  # every problem once: none padded in twice
+        assert [r["batches"] for r in ranks] == [2, 2]  # and every rank ran as many batches
         everyone = expected(list(range(N)))
         assert expected(seen[0]) != everyone  # so that rank 0's own numbers would fail
         prefix = "val/" if stage == "validate" else "test/"
@@ -149,14 +160,14 @@ def _base_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_predict_under_ddp_keeps_the_input_order(tiny_model, in_tmp):
-    path = problems(in_tmp, 13)
+    path = problems(in_tmp, N)
     run = fit(in_tmp, "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)), *DDP,
               "--data.path", str(path), "--model.max_completion_length", "4", "--predictions.path", "out.jsonl",
               subcommand="predict")
     assert run.returncode == 0, run.stderr[-3000:]
     written = [json.loads(line) for line in (in_tmp / "out.jsonl").read_text().splitlines()]
-    assert [r["question"] for r in written] == [f"Problem {i}: what is {i}?" for i in range(13)]
-    assert "wrote 13 predictions to out.jsonl" in run.stdout
+    assert [r["question"] for r in written] == [f"Problem {i}: what is {i}?" for i in range(N)]
+    assert f"wrote {N} predictions to out.jsonl" in run.stdout
 
 
 def test_a_checkpoint_file_gives_its_base_model_but_not_its_settings(tiny_model, in_tmp, capsys):

@@ -11,6 +11,7 @@ from qmath.grpo import (
     chunked_token_logps,
     clipped_surrogate,
     completion_mask,
+    dapo_num_items,
     group_advantages,
     grpo_loss,
     k3_kl,
@@ -114,6 +115,19 @@ def test_gradient_is_minus_advantage_times_grad_logp_per_loss_type(loss_type):
     (expected,) = torch.autograd.grad((-ADV[:, None] * weights[loss_type] * logps).sum(), logits)
     torch.testing.assert_close(grad, expected)
     assert grad[0, 2:].abs().sum() == 0  # padding gets no gradient
+
+
+def test_dapo_divides_by_the_steps_tokens_also_when_they_are_fewer_than_its_micro_batches():
+    # Two micro-batches (accumulation 2, one rank) with one loss token between them: the step's gradient is that
+    # token's whole -A, as TRL gives it. A clamp of each micro-batch's share (0.5 tokens) at 1 would halve it.
+    logps = torch.zeros(2, 3, requires_grad=True)
+    masks = [torch.tensor([[1, 0, 0]]), torch.tensor([[0, 0, 0]])]
+    num_items = dapo_num_items(sum(m.sum() for m in masks), micro_batches=2)
+    step = sum(grpo_loss(logps[i:i + 1], logps[i:i + 1].detach(), torch.tensor([1.0]), masks[i], loss_type="dapo",
+                         num_items=num_items)[0] / 2 for i in range(2))  # / 2: Lightning's division by accumulation
+    step.backward()
+    assert logps.grad[0, 0].item() == pytest.approx(-1.0) and logps.grad.abs().sum().item() == pytest.approx(1.0)
+    assert dapo_num_items(torch.tensor(0), micro_batches=2).item() == 0.5  # no tokens at all: no division by 0
 
 
 def test_group_advantages_rejects_a_broken_group():

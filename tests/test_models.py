@@ -40,3 +40,21 @@ def test_completion_table_escapes_markdown():
     lines = table.splitlines()
     assert lines[0] == "| prompt | completion | reward | advantage |"
     assert lines[2] == "| a\\|b | <reasoning><br>x<br></reasoning> | 1.500 | -0.250 |"
+
+
+def test_hub_downloads_happen_once_in_prepare_data_and_local_sources_fetch_nothing(tiny_model, tmp_path, monkeypatch):
+    """Lightning runs prepare_data on one rank per node, the others waiting; setup then loads from the cache."""
+    from qmath.data import GSM8K
+    from qmath.models import DOWNLOADED
+    from qmath.module import GRPO
+
+    fetched, loaded = [], []
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda name, **kw: fetched.append((name, kw)))
+    monkeypatch.setattr("datasets.load_dataset", lambda path, name=None, **kw: loaded.append((path, name)))
+    GRPO(model_name_or_path="Qwen/Qwen2.5-0.5B-Instruct").prepare_data()
+    GRPO(model_name_or_path=str(tiny_model)).prepare_data()  # a local directory: nothing to fetch
+    assert fetched == [("Qwen/Qwen2.5-0.5B-Instruct", {"allow_patterns": DOWNLOADED})]
+    (tmp_path / "rows.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
+    for path, name in (("openai/gsm8k", "main"), ("synthetic", None), (str(tmp_path / "rows.jsonl"), None)):
+        GSM8K(path=path, name=name).prepare_data()
+    assert loaded == [("openai/gsm8k", "main")]

