@@ -195,20 +195,27 @@ def write_prompts(path: Path, model: Path, prompt_length: int, rows: int = 40) -
     module = GSM8K(**{k: v for k, v in data.items() if k in keep}, tokenizer_name_or_path=str(model))
     module.tokenizer = load_tokenizer(str(model))
 
-    def question(i: int, words: int) -> str:  # distinct: qmath rejects a data set that repeats a question
-        return f"Crate {i}: how many apples " + " ".join(["apples"] * words) + "?"
+    def question(i: int, words: int, tail: str = "") -> str:  # distinct: qmath rejects repeated questions
+        return f"Crate {i}: how many apples " + " ".join(["apples"] * words) + tail + "?"
 
-    def length(i: int, words: int) -> int:
-        return len(module.tokenizer(module.render(question(i, words)), add_special_tokens=False)["input_ids"])
+    def length(text: str) -> int:
+        return len(module.tokenizer(module.render(text), add_special_tokens=False)["input_ids"])
 
     with path.open("w") as f:
         for i in range(rows):
-            words = max(0, prompt_length - length(i, 0))
-            while words > 0 and length(i, words) > prompt_length:
+            words = max(0, prompt_length - length(question(i, 0)))
+            while words > 0 and length(question(i, words)) > prompt_length:
                 words -= 1
-            if length(i, words) != prompt_length:
-                raise SystemExit(f"cannot make a {prompt_length}-token prompt: the shortest is {length(i, 0)} tokens")
-            f.write(json.dumps({"question": question(i, words), "answer": f"Count them.\n#### {i}"}) + "\n")
+            tail = ""  # a word can be several tokens: top up with characters that are one token each
+            while length(question(i, words, tail)) < prompt_length:
+                fits = [c for c in (" a", "a", "!", ".") if length(question(i, words, tail + c)) <= prompt_length]
+                if not fits:
+                    break
+                tail += fits[0]
+            if length(question(i, words, tail)) != prompt_length:
+                raise SystemExit(f"cannot make a {prompt_length}-token prompt with this tokenizer (the shortest is "
+                                 f"{length(question(i, 0))} tokens)")
+            f.write(json.dumps({"question": question(i, words, tail), "answer": f"Count them.\n#### {i}"}) + "\n")
     return path
 
 
