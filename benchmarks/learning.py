@@ -33,15 +33,20 @@ MAX_SCORE = {"xmlcount": 0.5, "soft_format": 0.5, "strict_format": 0.5, "int": 0
 CURVES = [("rewards/" + n + "/mean", n) for n in MAX_SCORE]
 
 
+# the report's names for the graded answers' fields (qmath.evaluation.Answer)
+GRADED = {"strict": "correct", "lenient": "correct_lenient", "format": "format"}
+
+
 def evaluate(num_val: int, options: list[str], ckpt: str | None = None) -> list[dict]:
-    """Greedy answers on the held-out problems, one record per problem (strict, lenient, format)."""
+    """Greedy answers on the held-out problems, one record per problem: question, and strict, lenient, format."""
     from qmath.__main__ import main
 
     args = ["validate", "--data.num_val", str(num_val), "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false", *options]
     if ckpt:
         args += ["--ckpt_path", ckpt]
-    return main(args).model.val_records
+    return [{"question": a.question, **{key: getattr(a, field) for key, field in GRADED.items()}}
+            for a in main(args).model.val_records]
 
 
 # fit options that shape training only: greedy evaluation on the held-out set does not depend on them

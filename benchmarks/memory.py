@@ -112,11 +112,11 @@ def install(probe: Probe, logits: str) -> dict[str, Any]:
     """Wrap the module's rollout and log-prob methods and add hooks around backward and the optimizer step."""
     from lightning import Callback
 
-    from qmath import module as qmodule
+    from qmath.generation import Sampler
+    from qmath.module import GRPO
 
-    GRPO = qmodule.GRPO
     seen: dict[str, Any] = {}
-    generate, token_logps = GRPO.generate, GRPO.token_logps
+    generate, token_logps = Sampler.generate, GRPO.token_logps
 
     def timed_generate(self, *args, **kwargs):
         with probe.phase("rollout (generate)"):
@@ -127,13 +127,13 @@ def install(probe: Probe, logits: str) -> dict[str, Any]:
 
     def timed_logps(self, model, rollout):
         if logits == "full":
-            model._qmath_head_is_linear = False  # the full-logits path
+            self._linear_heads[id(model)] = False  # the full-logits path
         name = "policy forward" if model is self.policy else "reference forward"
         with probe.phase(name):
             return token_logps(self, model, rollout)
 
-    GRPO.generate, GRPO.token_logps = timed_generate, timed_logps
-    seen["restore"] = lambda: setattr(GRPO, "generate", generate) or setattr(GRPO, "token_logps", token_logps)
+    Sampler.generate, GRPO.token_logps = timed_generate, timed_logps
+    seen["restore"] = lambda: setattr(Sampler, "generate", generate) or setattr(GRPO, "token_logps", token_logps)
 
     class Hooks(Callback):
         def on_train_batch_start(self, trainer, pl_module, *args) -> None:

@@ -1,4 +1,5 @@
-"""Checkpoints that survive ``kill -9`` and preemption.
+"""Checkpoints that survive ``kill -9`` and preemption, and what a checkpoint holds beyond Lightning's: the random
+number generators, the base model's identity (a checkpoint is refused by another base), and the ranks' rollouts.
 
 Lightning's own "atomic" save writes through an fsspec transaction, which stages the file in the system temp
 directory and moves it into place. When that directory is on another file system than the checkpoints (local
@@ -8,6 +9,8 @@ kill during the copy leaves a truncated ``last.ckpt`` that ``--ckpt_path last`` 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Any
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -115,3 +119,64 @@ def last_checkpoint_path(trainer: Trainer) -> str:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
             return os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
     return os.path.join(trainer.default_root_dir, "last.ckpt")
+
+
+# -- what qmath adds to a checkpoint ------------------------------------------------------------------------------
+def rng_states() -> dict[str, Any]:
+    """Every global RNG's state (torch, CUDA, numpy, Python) as plain tensors and containers, which load with
+    ``weights_only=True``. Sampling is seeded per step, but anything else random (dropout, a user's reward) draws
+    from these, so a resumed run restores them too. (Lightning's private ``_collect_rng_states``: if it moves, its
+    replacement in ``lightning.fabric.utilities.seed`` does the same.)"""
+    states = _collect_rng_states(include_cuda=torch.cuda.is_available())
+    kind, keys, *rest = states["numpy"]  # a numpy array would need weights_only=False to load
+    states["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), *rest)
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Set the RNGs to what :func:`rng_states` saved."""
+    kind, keys, *rest = states["numpy"]
+    _set_rng_states({**states, "numpy": (kind, keys.numpy().astype("uint32"), *rest)})
+
+
+def base_identity(model_name_or_path: str, tokenizer: Any) -> dict[str, Any]:
+    """What a checkpoint's weights only fit: the base model's name and its tokenizer's vocabulary."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return {"model_name_or_path": model_name_or_path, "vocab_size": len(tokenizer),
+            "vocab_sha1": hashlib.sha1(vocab.encode()).hexdigest()}
+
+
+def check_base(checkpoint: dict[str, Any], identity: dict[str, Any], shapes: dict[str, torch.Size]) -> None:
+    """Refuse a checkpoint of another base model or vocabulary (``identity``), or of other weight ``shapes``,
+    before it is loaded."""
+    theirs = {k: v.shape for k, v in checkpoint.get("state_dict", {}).items()}
+    saved = checkpoint.get("qmath_base")
+    if saved and saved != identity:
+        differ = ", ".join(f"{k} {v!r} (now {identity.get(k)!r})" for k, v in saved.items() if v != identity.get(k))
+    elif shapes != theirs:
+        changed = [k for k in shapes.keys() & theirs.keys() if shapes[k] != theirs[k]]
+        differ = f"{len(changed)} weight shapes and {len(shapes.keys() ^ theirs.keys())} weight names differ"
+    else:
+        return
+    raise ValueError(
+        f"the checkpoint was trained from another base model or vocabulary: {differ}. Resume it with the "
+        f"--model.model_name_or_path it was trained from ({(saved or {}).get('model_name_or_path', 'unknown')}), "
+        "or start a new run without --ckpt_path"
+    )
+
+
+def non_finite_weights(state_dict: dict[str, Any]) -> list[str]:
+    """The names of plain floating-point tensors that hold a NaN or an infinity (sharded ones are the step guard's
+    to check)."""
+    return [k for k, v in state_dict.items()
+            if type(v) is torch.Tensor and v.is_floating_point() and not v.isfinite().all()]
+
+
+def from_every_rank(value: Any, world_size: int) -> list[Any]:
+    """``value`` from every rank, in rank order: only rank 0 writes the checkpoint, and each rank's own state (a
+    rollout between two of its passes) must be in it."""
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return [value]
+    gathered: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered

@@ -1,4 +1,5 @@
-"""GSM8K prompts for GRPO: from the hub, a local file, or the synthetic generator.
+"""GSM8K prompts for GRPO, from the hub, a local file, or the synthetic generator (``qmath.rows`` reads and checks
+them), rendered, tokenised and served by the loaders (with the samplers of ``qmath.samplers``).
 
 Each row becomes a chat prompt ``[system, few-shot turns…, question]`` rendered with the tokenizer's chat template,
 followed by an optional response prefix such as ``<reasoning>\\n``. The prefix is the start of the model's answer:
@@ -7,21 +8,19 @@ it is fed as prompt tokens, and prepended to the generated text before rewards s
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import BatchSampler
 
 from qmath.models import EMBEDDED_MODEL, load_tokenizer
-from qmath.rewards import SYSTEM_PROMPT, extract_hash_answer, parse_number
-from qmath.synthetic import DEFAULT_MIX, make_splits
+from qmath.rewards import SYSTEM_PROMPT
+from qmath.rows import DataError, Rows
+from qmath.samplers import Padded, PaddedDistributedSampler, RepeatBatchSampler, ShuffleSampler
+from qmath.synthetic import DEFAULT_MIX
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +37,7 @@ FEW_SHOT = [
         "</reasoning>\n<answer>\n36\n</answer>",
     },
 ]
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-class DataError(ValueError):
-    """The data set cannot be used as it is; the message says which rows and what to change."""
+__all__ = ["FEW_SHOT", "GSM8K", "DataError"]
 
 
 class GSM8K(LightningDataModule):
@@ -134,100 +129,20 @@ class GSM8K(LightningDataModule):
         self.val_rows: list[dict[str, Any]] = []
         self.test_rows: list[dict[str, Any]] = []
         self.predict_rows: list[dict[str, Any]] = []
-        self.skipped_rows = 0  # invalid rows skipped with strict=False, logged as data/skipped_rows
+        self.rows = Rows(path=path, name=name, train_split=train_split, val_split=val_split, val_path=val_path,
+                         val_fraction=val_fraction, num_train=num_train, num_held_out=max(num_val or 0, num_test or 0),
+                         num_test=num_test, difficulty=tuple(difficulty), seed=seed, question_column=question_column,
+                         answer_column=answer_column, strict=strict)
 
-    # -- reading ---------------------------------------------------------------------------------------------
-    def load_rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Checked ``{"question", "answer", "origin"}`` rows for training and the held-out set, not yet tokenised.
-
-        A local file is checked whole before a held-out share is split off, so that a line number is the file's
-        and a question repeated in the file cannot end up on both sides.
-        """
-        hp = self.hparams
-        if hp.path == "synthetic":
-            train, held_out = make_splits(hp.num_train, max(hp.num_val, hp.num_test or 0), hp.seed,
-                                          tuple(hp.difficulty))
-            # generated: well formed by construction; a question may repeat with other numbers' luck
-            return (self.check(list(enumerate(train, 1)), "synthetic", dedupe=False),
-                    self.check(list(enumerate(held_out, 1)), "synthetic held-out set", dedupe=False))
-        if self._is_file(hp.path):
-            train = self.check(_read_file(hp.path), hp.path)
-            if hp.val_path:
-                held_out = self.check(_read_file(hp.val_path), hp.val_path)
-                self._warn_overlap(train, held_out)
-                return train, held_out
-            generator = torch.Generator().manual_seed(hp.seed)
-            order = torch.randperm(len(train), generator=generator).tolist()
-            n_val = max(1, round(len(train) * hp.val_fraction))
-            held = set(order[:n_val])
-            return [r for i, r in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
-        dataset = self._load_hub()
-        train = self.check(list(enumerate(dataset[hp.train_split], 1)), f"{hp.path} split {hp.train_split}")
-        held_out = self.check(list(enumerate(dataset[hp.val_split], 1)), f"{hp.path} split {hp.val_split}")
-        self._warn_overlap(train, held_out)
-        return train, held_out
-
-    def check(self, rows: list[tuple[int, Any]], source: str, truth_required: bool = True,
-              dedupe: bool = True) -> list[dict[str, Any]]:
-        """The usable rows of ``(line number, row)`` pairs; invalid ones are rejected or skipped (``strict``)."""
-        hp = self.hparams
-        if not rows:
-            raise DataError(f"{source} has no rows")
-        objects = [row for _, row in rows if isinstance(row, dict)]
-        required = [hp.question_column] + ([hp.answer_column] if truth_required else [])
-        for column in required:
-            if objects and not any(column in row for row in objects):
-                key = "question_column" if column == hp.question_column else "answer_column"
-                raise DataError(f"{source} has no column {column!r} in any row (its columns: "
-                                f"{sorted({k for row in objects for k in row})}); set data.{key} to the column that "
-                                "holds it, or rename the column")
-        unit = "line" if source.lower().endswith(".jsonl") else "row"
-        kept, invalid, first_seen = [], [], {}
-        for line, row in rows:
-            try:
-                parsed = _parse_row(row, hp.question_column, hp.answer_column, truth_required)
-            except DataError as error:
-                invalid.append(f"{unit} {line}: {error}")
-                continue
-            key = " ".join(parsed["question"].split())
-            if dedupe and key in first_seen:
-                invalid.append(f"{unit} {line}: the same question as {unit} {first_seen[key]}")
-                continue
-            first_seen.setdefault(key, line)
-            kept.append({**parsed, "origin": line})
-        if invalid:
-            listing = "\n  ".join(invalid[:10]) + (f"\n  ... and {len(invalid) - 10} more" if len(invalid) > 10 else "")
-            if hp.strict or not kept:
-                what = "none is usable" if not kept else f"{len(invalid)} are invalid"
-                raise DataError(f"{source}: of its {len(rows)} rows, {what}:\n  {listing}\nFix or remove them"
-                                + (", or set data.strict: false to skip and count invalid rows" if kept else ""))
-            log.warning("Skipped %d of %d rows of %s (data.strict is false):\n  %s", len(invalid), len(rows),
-                        source, listing)
-            self.skipped_rows += len(invalid)
-        return kept
-
-    def _warn_overlap(self, train: list[dict[str, Any]], held_out: list[dict[str, Any]]) -> None:
-        seen = {" ".join(r["question"].split()) for r in train}
-        overlap = sum(" ".join(r["question"].split()) in seen for r in held_out)
-        if overlap:
-            log.warning("%d held-out questions also appear in the training data: their accuracy is not held out",
-                        overlap)
+    @property
+    def skipped_rows(self) -> int:
+        """Invalid rows skipped with ``strict=False``, logged as ``data/skipped_rows``."""
+        return self.rows.skipped
 
     def prepare_data(self) -> None:
-        """Download a hub data set, once per node (Lightning runs this on each node's local rank 0 first)."""
-        hp = self.hparams
-        if hp.path != "synthetic" and not self._is_file(hp.path):
-            self._load_hub()
+        self.rows.download()  # once per node; the other ranks wait, then read the cache in setup
 
-    def _load_hub(self) -> Any:
-        from datasets import load_dataset
-
-        return load_dataset(self.hparams.path, self.hparams.name)
-
-    @staticmethod
-    def _is_file(path: str) -> bool:
-        return Path(path).suffix.lower() in LOCAL_FORMATS or Path(path).expanduser().exists()
-
+    # -- reading ---------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         """Tokenise what ``stage`` needs: training and validation rows for ``fit``, only held-out rows otherwise."""
         hp = self.hparams
@@ -235,14 +150,14 @@ class GSM8K(LightningDataModule):
             self.tokenizer = load_tokenizer(hp.tokenizer_name_or_path, hp.trust_remote_code)
         if stage == "predict":
             if not self.predict_rows:
-                self.predict_rows = self._prepare(self.load_predict_rows(), "predict")
+                self.predict_rows = self._prepare(self.rows.for_predict(), "predict")
             return
         wanted = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",)}.get(
             stage or "fit", ("train", "validation", "test"))
         missing = [split for split in wanted if not getattr(self, self._ROWS[split])]
         if not missing:
             return
-        train, held_out = self.load_rows()
+        train, held_out = self.rows.splits()
         n_test = hp.num_test or (hp.num_val if hp.path == "synthetic" else None)
         raw = {"train": train, "validation": held_out[: hp.num_val], "test": held_out[:n_test]}
         for split in missing:
@@ -255,22 +170,7 @@ class GSM8K(LightningDataModule):
 
     def describe(self, split: str) -> str:
         """Where ``split`` (``train``, ``validation``, ``test`` or ``predict``) comes from, for the start-up summary."""
-        hp = self.hparams
-        if hp.path == "synthetic":
-            return "synthetic" + (" (held-out set)" if split != "train" else "")
-        if self._is_file(hp.path):
-            if split in ("train", "predict"):
-                return hp.path
-            return hp.val_path or f"{hp.path} (a {hp.val_fraction:.0%} held-out share, seed {hp.seed})"
-        split_name = hp.train_split if split == "train" else hp.val_split
-        return f"{hp.path}" + (f" ({hp.name})" if hp.name else "") + f", split {split_name}"
-
-    def load_predict_rows(self) -> list[dict[str, Any]]:
-        """What ``predict`` answers, in order: every row of a local ``data.path``, else the held-out set."""
-        hp = self.hparams
-        if hp.path != "synthetic" and self._is_file(hp.path):  # every row, repeats included, in order
-            return self.check(_read_file(hp.path), hp.path, truth_required=False, dedupe=False)
-        return self.load_rows()[1][: hp.num_test]
+        return self.rows.describe(split)
 
     def _prepare(self, checked: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
         ids = self._tokenise([row["question"] for row in checked], split)
@@ -381,178 +281,9 @@ class GSM8K(LightningDataModule):
         trainer = self.trainer
         dataset, sampler = rows, None
         if trainer is not None and trainer.world_size > 1:
-            dataset = _Padded(rows)
+            dataset = Padded(rows)
             sampler = PaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
         return StatefulDataLoader(dataset, batch_size=max(self.hparams.batch_size, 16), shuffle=False,
                                   sampler=sampler, collate_fn=self.collate, num_workers=self.hparams.num_workers)
 
 
-class PaddedDistributedSampler(DistributedSampler):
-    """Held-out problems split over ranks in order, each answered on one rank, every rank the same count.
-
-    Lightning's default ``DistributedSampler`` evens the ranks out with repeated problems, which an accuracy would
-    count twice; its ``UnrepeatedDistributedSampler`` leaves one rank a batch short when the count does not divide
-    (1,313 problems on 2 ranks: 657 and 656, 42 and 41 batches of 16), and that rank's peers then run a
-    ``generate`` alone, which hangs under FSDP. Here the short ranks get rows marked ``padding`` instead: answered
-    like the others, never graded or written (``_Padded`` marks the indices past the end). Lightning keeps a
-    ``DistributedSampler`` it is given.
-    """
-
-    def __init__(self, dataset: Any, num_replicas: int, rank: int) -> None:
-        super().__init__(dataset, num_replicas, rank, shuffle=False, drop_last=False)
-
-    def __iter__(self) -> Any:
-        return iter(range(self.rank, self.total_size, self.num_replicas))
-
-
-class _Padded(torch.utils.data.Dataset):
-    """The rows, and past their end copies of the first rows marked ``padding``."""
-
-    def __init__(self, rows: list[dict[str, Any]]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.rows[i] if i < len(self.rows) else {**self.rows[i % len(self.rows)], "padding": True}
-
-
-class ShuffleSampler(torch.utils.data.RandomSampler):
-    """torch's ``RandomSampler`` that resumes mid-epoch: its state is the epoch's seed and how far it got.
-
-    A torch ``RandomSampler`` (not torchdata's) so that Lightning sees a shuffled loader and shuffles under DDP.
-    """
-
-    def __init__(self, data_source: Any, seed: int | None = None) -> None:
-        if seed is None:  # from the global RNG, which seed_everything has seeded
-            seed = int(torch.randint(2**62, ()).item())
-        super().__init__(data_source, generator=torch.Generator().manual_seed(seed))
-        self.yielded = 0
-        self._epoch_state = self.generator.get_state()
-        self._resume: dict[str, Any] | None = None
-
-    def __iter__(self) -> Any:
-        start = 0
-        if self._resume is not None:
-            self.generator.set_state(self._resume["generator"])
-            start, self._resume = self._resume["yielded"], None
-        self._epoch_state = self.generator.get_state()
-        order = torch.randperm(len(self.data_source), generator=self.generator).tolist()
-        self.yielded = start
-        for i in order[start:]:
-            self.yielded += 1
-            yield i
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self._epoch_state, "yielded": self.yielded}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume = state
-
-
-class RepeatBatchSampler(BatchSampler):
-    """Yields each batch ``repeats`` times in a row (TRL's RepeatSampler, by batch); stateful for mid-epoch resume.
-
-    A ``BatchSampler`` with a ``sampler`` argument, so Lightning can put a ``DistributedSampler`` inside under DDP.
-    """
-
-    def __init__(self, sampler: Any, batch_size: int, drop_last: bool, repeats: int = 1) -> None:
-        super().__init__(sampler, batch_size, drop_last)
-        self.repeats = repeats
-
-    def __iter__(self) -> Any:
-        return _RepeatIterator(super().__iter__(), self.repeats)
-
-    def __len__(self) -> int:
-        return super().__len__() * self.repeats
-
-
-class _RepeatIterator:
-    def __init__(self, inner: Any, repeats: int) -> None:
-        self.inner, self.repeats = inner, repeats
-        self.batch: list[int] = []
-        self.served = repeats
-
-    def __iter__(self) -> _RepeatIterator:
-        return self
-
-    def __next__(self) -> list[int]:
-        if self.served >= self.repeats:
-            self.batch, self.served = next(self.inner), 0
-        self.served += 1
-        return list(self.batch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"inner": self.inner.state_dict(), "batch": self.batch, "served": self.served}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state["inner"])
-        self.batch, self.served = state["batch"], state["served"]
-
-
-def _read_file(path: str) -> list[tuple[int, Any]]:
-    """``(line or row number, row)`` pairs of a JSONL, JSON or Parquet file, numbered from 1 as an editor does."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise DataError(f"data.path: {path} does not exist; give a .jsonl, .json or .parquet file, a hub id, "
-                        "or 'synthetic'")
-    builder = LOCAL_FORMATS.get(file.suffix.lower())
-    if builder is None:
-        raise DataError(f"data.path: {path} is neither JSONL, JSON nor Parquet (by its suffix); convert it, e.g. "
-                        "with pandas' to_json(orient='records', lines=True)")
-    if file.stat().st_size == 0:
-        raise DataError(f"data.path: {path} is empty")
-    if file.suffix.lower() == ".jsonl":  # read here, so that a broken line is named by its number
-        rows = []
-        with file.open(encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append((number, json.loads(line)))
-                    except json.JSONDecodeError as error:
-                        rows.append((number, _Unreadable(f"not valid JSON ({error.msg})")))
-        return rows
-    from datasets import load_dataset
-
-    try:
-        return list(enumerate(load_dataset(builder, data_files=str(file), split="train"), 1))
-    except Exception as error:  # datasets' errors name its internals, not the file
-        raise DataError(f"data.path: {path} could not be read as {builder.upper()}: {type(error).__name__}: "
-                        f"{error}") from error
-
-
-class _Unreadable:
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
-def _parse_row(row: Any, question_column: str = "question", answer_column: str = "answer",
-               truth_required: bool = True) -> dict[str, Any]:
-    """``{"question", "answer"}`` of one row, the answer reduced to its ground truth; :class:`DataError` says why
-    the row cannot be used. Without ``truth_required``, the answer may be missing (``None``) or a bare number."""
-    if isinstance(row, _Unreadable):
-        raise DataError(row.reason)
-    if not isinstance(row, dict):
-        raise DataError(f"not a JSON object but {type(row).__name__}")
-    question, answer = row.get(question_column), row.get(answer_column)
-    if not isinstance(question, str):
-        raise DataError(f"no text in column {question_column!r}" + ("" if question_column in row else " (missing)"))
-    if not question.strip():
-        raise DataError(f"the {question_column!r} is empty")
-    parsed = {"question": question} if truth_required else {"question": question, "source": row}
-    if answer is None and not truth_required:
-        return {**parsed, "answer": None}
-    if not isinstance(answer, str | int | float) or isinstance(answer, bool):
-        raise DataError(f"no text in column {answer_column!r}" + ("" if answer_column in row else " (missing)"))
-    text = str(answer)
-    if not text.strip():
-        raise DataError(f"the {answer_column!r} is empty")
-    truth = extract_hash_answer(text)
-    if truth is None and not truth_required and parse_number(text) is not None:
-        truth = text.strip().replace(",", "").replace("$", "")  # a bare number is a ground truth too
-    if truth is None:
-        raise DataError(f"the {answer_column!r} has no '#### <number>' line giving the ground truth")
-    if parse_number(truth) is None:
-        raise DataError(f"the ground truth after '####' is not a number: {truth!r}")
-    return {**parsed, "answer": truth}

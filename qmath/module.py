@@ -15,39 +15,43 @@ Where this differs from the paper:
   can be replaced by groups of further prompts.
 - A group is the ``num_generations`` completions of one prompt, all sampled on one device, so the group statistics
   need no communication between ranks.
+
+Where each part lives: the rollout is a :class:`qmath.rollout.Rollout`, sampled by :class:`qmath.generation.Sampler`
+(rollout), scored by :mod:`qmath.rewards` (score), turned into advantages and a loss by the pure functions of
+:mod:`qmath.grpo` on log-probs from :mod:`qmath.logprobs` (loss); held-out answers are graded by
+:mod:`qmath.evaluation`; what a checkpoint holds beyond Lightning's is :mod:`qmath.checkpointing`'s.
 """
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-import json
 import logging
-from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
 from lightning import LightningModule
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import MaxMetric, MeanMetric, MinMetric, SumMetric
 
-from qmath.generation import MAJ_K, PROMPTS, check_generation_kwargs, generation_config, ids_only, seed_for
-from qmath.grpo import (
-    LossType,
-    ScaleRewards,
-    chunked_token_logps,
-    completion_mask,
-    dapo_num_items,
-    group_advantages,
-    grpo_loss,
-    selective_log_softmax,
+from qmath.checkpointing import (
+    base_identity,
+    check_base,
+    from_every_rank,
+    non_finite_weights,
+    restore_rng_states,
+    rng_states,
 )
-from qmath.metrics import GRADES, grade, majority_vote, strict_answer
+from qmath.compat import enable_activation_checkpointing
+from qmath.evaluation import Answer, grade_batch
+from qmath.generation import MAJ_K, PROMPTS, Sampler, check_generation_kwargs, ids_only, seed_for
+from qmath.grpo import LossType, ScaleRewards, dapo_num_items, group_advantages, grpo_loss
+from qmath.logprobs import head_is_linear, token_logps
+from qmath.metrics import GRADES, grade
 from qmath.models import EMBEDDED_MODEL, download, load_model, load_tokenizer
-from qmath.rewards import Reward, default_rewards, parse_number, score
+from qmath.rewards import Reward, default_rewards, score
+from qmath.rollout import Rollout
 
 log = logging.getLogger(__name__)
 
@@ -137,54 +141,36 @@ class GRPO(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        if num_generations < 2:
-            raise ValueError(f"model.num_generations must be at least 2 to form a group, got {num_generations}")
-        if max_completion_length < 1:
-            raise ValueError(f"model.max_completion_length must be positive, got {max_completion_length}")
-        if epsilon <= 0 or (epsilon_high is not None and epsilon_high <= 0):
-            raise ValueError(f"model.epsilon and model.epsilon_high must be positive, got {epsilon}, {epsilon_high}")
-        if temperature <= 0:
-            raise ValueError(f"model.temperature must be positive, got {temperature}")
-        if num_iterations < 1:
-            raise ValueError(f"model.num_iterations must be at least 1, got {num_iterations}")
-        if maj_k is not None and maj_k < 2:
-            raise ValueError(f"model.maj_k must be at least 2 samples to vote, or null, got {maj_k}")
-        if max_skipped_steps < 1:
-            raise ValueError(f"model.max_skipped_steps must be at least 1, got {max_skipped_steps}")
-        if max_sampling_rounds < 0:
-            raise ValueError(f"model.max_sampling_rounds must be at least 0, got {max_sampling_rounds}")
-        distorting = check_generation_kwargs(generation_kwargs)
-        if distorting:
-            rank_zero_warn(f"model.generation_kwargs {distorting} change the distribution rollouts are sampled from, "
-                           "so the loss (ratio and KL) no longer scores the distribution the completions came from")
+        _check_options(locals())
         self.save_hyperparameters(ignore=["rewards", "optimizer", "lr_scheduler"])
         self.rewards: list[Reward] = list(rewards) if rewards is not None else default_rewards()
         names = [r.name for r in self.rewards]
         if len(set(names)) != len(names):
             raise ValueError(f"model.rewards: reward names must be unique, got {names}")
-        self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.policy: Any = None
         self.tokenizer: Any = None
-        # Accumulated over an optimizer step's micro-batches, then computed (synced across ranks) and reset.
+        self.sampler: Sampler | None = None
+        # Accumulated over an optimizer step's micro-batches, then computed (synced across ranks) and reset; the
+        # length extremes over all of them, not a mean of each rank's extreme.
         self.train_stats = torch.nn.ModuleDict(
             {name: MeanMetric() for name in [f"rewards/{n}/mean" for n in names] + TRAIN_STATS}
-            # extremes over the step's micro-batches and all ranks, not the mean of each rank's extreme
             | {"reward_errors": SumMetric(), "completions/min_length": MinMetric(),
-               "completions/max_length": MaxMetric()}
-        )
+               "completions/max_length": MaxMetric()})
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, over the whole run
         self.skipped_in_a_row = 0
         self._loss_not_finite = False
         self._reward_errors = 0
         self._warned_rewards: set[str] = set()
+        self._linear_heads: dict[int, bool] = {}  # id(model) -> whether its log-probs can come from hidden states
         evaluated = EVAL_STATS + ([f"accuracy_maj@{maj_k}", f"pass@{maj_k}"] if maj_k else [])
         # separate objects, so that a validation inside fit never mixes its counts with a test's
         self.val_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in evaluated})
         self.test_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in evaluated})
-        self.last_rollout: dict[str, list] = {}
-        self.micro_batches: list[dict[str, Any]] = []  # the current rollout, split for accumulation
-        self.val_records: list[dict[str, Any]] = []  # this process's graded answers from the latest evaluation
+        self.last_rollout: dict[str, list] = {}  # the latest scored completions, for LogCompletions
+        self.micro_batches: list[Rollout] = []  # the current rollout, split for accumulation
+        self.rollout_stats: dict[str, Tensor] = {}  # its statistics, logged at every step that trains on it
+        self.val_records: list[Answer] = []  # this process's graded answers from the latest evaluation
 
     @property
     def reference(self) -> Any:
@@ -203,8 +189,11 @@ class GRPO(LightningModule):
         # every generate call gets qmath's explicit config: nothing of the checkpoint's may fill its gaps
         self.policy.generation_config = ids_only(self.policy.generation_config)
         if hp.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.policy.config.use_cache = False
+            enable_activation_checkpointing(self.policy)
+        self.sampler = Sampler(self.policy, self.tokenizer, hp.max_completion_length, hp.temperature, hp.top_p,
+                               hp.top_k, hp.generation_kwargs)
+        self._linear_heads[id(self.policy)] = head_is_linear(self.policy)
+        self._base = base_identity(hp.model_name_or_path, self.tokenizer)  # what a checkpoint's weights only fit
 
     def on_fit_start(self) -> None:
         # Only training needs the reference; it is always the base weights, also when fit resumes a checkpoint.
@@ -213,77 +202,37 @@ class GRPO(LightningModule):
             # in the policy's dtype: this hook runs outside Lightning's init context, where bf16-true and 16-true
             # would have made the default dtype half precision
             reference = load_model(hp.model_name_or_path, hp.trust_remote_code, dtype=self.policy.dtype)
-            reference = reference.eval().requires_grad_(False)
-            self.__dict__["_reference"] = reference.to(self.device)
+            self.__dict__["_reference"] = reference.eval().requires_grad_(False).to(self.device)
+            self._linear_heads[id(reference)] = head_is_linear(reference)
 
-    # Sampling is seeded per step, but anything else random (dropout, a user's reward) draws from the global RNGs,
-    # so a resumed run restores them too.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        states = _collect_rng_states(include_cuda=torch.cuda.is_available())
-        kind, keys, *rest = states["numpy"]  # a numpy array would need weights_only=False to load
-        states["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), *rest)
-        checkpoint["qmath_rng_states"] = states
-        checkpoint["qmath_base"] = self._base_identity()
-        checkpoint["qmath_skipped_steps"] = self.skipped_steps
-        bad = [k for k, v in checkpoint.get("state_dict", {}).items()  # plain tensors: sharded ones are checked
-               if type(v) is Tensor and v.is_floating_point() and not v.isfinite().all()]  # by the step guard
+        bad = non_finite_weights(checkpoint.get("state_dict", {}))
         if bad:
             raise NonFiniteError(f"refusing to save a checkpoint with non-finite weights ({len(bad)} tensors, e.g. "
                                  f"{bad[0]}); the last saved checkpoint is kept")
+        checkpoint |= {"qmath_rng_states": rng_states(), "qmath_skipped_steps": self.skipped_steps,
+                       "qmath_base": self._base}
         if self.hparams.num_iterations > 1:  # a checkpoint may fall between the μ steps that reuse one rollout
-            checkpoint["qmath_rollouts"] = self._every_ranks([_to_cpu(m) for m in self.micro_batches])
+            own = {"micro_batches": [m.state() for m in self.micro_batches],
+                   "stats": {k: v.cpu() for k, v in self.rollout_stats.items()}}
+            checkpoint["qmath_rollouts"] = from_every_rank(own, self.trainer.world_size)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._check_base(checkpoint)
+        shapes = {k: v.shape for k, v in self.state_dict().items()}
+        check_base(checkpoint, self._base, shapes)
         self.skipped_steps = checkpoint.get("qmath_skipped_steps", 0)
         self._rng_states = checkpoint.get("qmath_rng_states")
-        if self._rng_states:
-            kind, keys, *rest = self._rng_states["numpy"]
-            self._rng_states["numpy"] = (kind, keys.numpy().astype("uint32"), *rest)
         # each rank continues on its own rollout; with another number of ranks, the next step samples anew
         rollouts = checkpoint.get("qmath_rollouts", [])
-        self.micro_batches = rollouts[self.global_rank] if len(rollouts) == self.trainer.world_size else []
-
-    def _every_ranks(self, value: Any) -> list[Any]:
-        """``value`` from every rank, in rank order (only rank 0 writes the checkpoint)."""
-        if self.trainer.world_size == 1 or not torch.distributed.is_initialized():
-            return [value]
-        gathered: list[Any] = [None] * self.trainer.world_size
-        torch.distributed.all_gather_object(gathered, value)
-        return gathered
-
-    def _base_identity(self) -> dict[str, Any]:
-        """What a checkpoint's weights only fit: the base model's name and its tokenizer's vocabulary."""
-        if "_base_cache" not in self.__dict__:
-            vocab = json.dumps(sorted(self.tokenizer.get_vocab().items()))
-            self.__dict__["_base_cache"] = {"model_name_or_path": self.hparams.model_name_or_path,
-                                            "vocab_size": len(self.tokenizer),
-                                            "vocab_sha1": hashlib.sha1(vocab.encode()).hexdigest()}
-        return self.__dict__["_base_cache"]
-
-    def _check_base(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another base model or vocabulary before it is loaded into this one."""
-        own = {k: v.shape for k, v in self.state_dict().items()}
-        theirs = {k: v.shape for k, v in checkpoint.get("state_dict", {}).items()}
-        saved, current = checkpoint.get("qmath_base"), self._base_identity()
-        if saved and saved != current:
-            differ = ", ".join(f"{k} {v!r} (now {current.get(k)!r})" for k, v in saved.items() if v != current.get(k))
-        elif own != theirs:
-            shapes = [k for k in own.keys() & theirs.keys() if own[k] != theirs[k]]
-            differ = f"{len(shapes)} weight shapes and {len(own.keys() ^ theirs.keys())} weight names differ"
-        else:
-            return
-        raise ValueError(
-            f"the checkpoint was trained from another base model or vocabulary: {differ}. Resume it with the "
-            f"--model.model_name_or_path it was trained from ({(saved or {}).get('model_name_or_path', 'unknown')}), "
-            "or start a new run without --ckpt_path"
-        )
+        own = rollouts[self.global_rank] if len(rollouts) == self.trainer.world_size else {}
+        self.micro_batches = [Rollout.from_state(m) for m in own.get("micro_batches", [])]
+        self.rollout_stats = own.get("stats", {})
 
     def on_train_start(self) -> None:
         if getattr(self, "_rng_states", None):
-            _set_rng_states(self._rng_states)
+            restore_rng_states(self._rng_states)
             self._rng_states = None
-        self.micro_batches = [_to_device(m, self.device) for m in self.micro_batches]
+        self.micro_batches = [m.to(self.device) for m in self.micro_batches]
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(p for p in self.parameters() if p.requires_grad)
@@ -292,61 +241,18 @@ class GRPO(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
 
     # -- rollout -------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor, greedy: bool = False,
-                 group: int = 1) -> tuple[Tensor, ...]:
-        """Completion ids, their mask (through the first EOS) and which completions ended with EOS.
-
-        ``group``: rows come in runs of this many copies of one prompt, whose prefill then runs once per run.
-        """
-        hp = self.hparams
-        eos_ids = self._eos_ids()
-        config = generation_config(max_new_tokens=hp.max_completion_length, eos_token_id=eos_ids,
-                                   pad_token_id=self.tokenizer.pad_token_id, greedy=greedy, temperature=hp.temperature,
-                                   top_p=hp.top_p, top_k=hp.top_k, generation_kwargs=hp.generation_kwargs)
-        was_training = self.policy.training
-        self.policy.eval()  # dropout off while sampling
-        try:
-            out = self.policy.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                       **_shared_prefill(self.policy, input_ids, attention_mask, group))
-        finally:
-            self.policy.train(was_training)
-        completion_ids = out[:, input_ids.size(1):]
-        mask, terminated = completion_mask(completion_ids, eos_ids)
-        return completion_ids, mask, terminated
-
-    def generate_seeded(self, input_ids: Tensor, attention_mask: Tensor, seed: int,
-                        group: int = 1) -> tuple[Tensor, ...]:
-        """Sampled completions drawn from a generator seeded with ``seed``; the global RNGs are left as they were."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            return self.generate(input_ids, attention_mask, group=group)
-
-    def rollout(self, batch: dict[str, Any], round_: int = 0) -> dict[str, Any]:
+    def rollout(self, batch: dict[str, Any], round_: int = 0) -> Rollout:
         """Sample ``num_generations`` completions per prompt; the G completions of a prompt are adjacent."""
-        g = self.hparams.num_generations
-        prompt_ids = batch["input_ids"].repeat_interleave(g, dim=0)
-        prompt_mask = batch["attention_mask"].repeat_interleave(g, dim=0)
         # seed_everything gives every rank the same RNG stream, which would draw the same random numbers for
         # different prompts on each rank. Sampling is seeded by (seed, step, rank, round) instead: independent
         # across ranks, and a pure function of the step, so a resumed run samples exactly as before.
         seed = seed_for(self.trainer.global_step, self.global_rank, round_)
-        completion_ids, mask, terminated = self.generate_seeded(prompt_ids, prompt_mask, seed, group=g)
-        columns = {k: [v for v in values for _ in range(g)] for k, values in batch.items() if isinstance(values, list)}
-        texts = self.decode(completion_ids, mask, columns.get("prefix"))
-        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
-                "mask": mask, "terminated": terminated, "texts": texts, "columns": columns}
+        return self.sampler.rollout(batch, self.hparams.num_generations, seed)
 
-    def decode(self, completion_ids: Tensor, mask: Tensor, prefixes: Sequence[str] | None) -> list[str]:
-        texts = self.tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(completion_ids, mask)],
-                                            skip_special_tokens=True)
-        return [p + t for p, t in zip(prefixes, texts)] if prefixes else texts
-
-    def resample(self, rollout: dict[str, Any], raw: Tensor) -> tuple[dict[str, Any], Tensor]:
+    def resample(self, rollout: Rollout, raw: Tensor) -> tuple[Rollout, Tensor, dict[str, Tensor]]:
         """DAPO's dynamic sampling: keep the groups whose rewards differ, refilling from further prompts."""
         g = self.hparams.num_generations
-        wanted = len(rollout["texts"]) // g
+        wanted = len(rollout) // g
         datamodule = getattr(self.trainer, "datamodule", None)
         if not hasattr(datamodule, "draw"):
             raise RuntimeError("model.dynamic_sampling needs a data module with a draw(n, seed) method, such as "
@@ -364,31 +270,30 @@ class GRPO(LightningModule):
             extra = self.rollout(_to_device(datamodule.draw(missing, seed), self.device), round_ + 1)
             extra_raw = self.score(extra)
             extra_informative = self._informative(extra_raw)
-            rollout = _cat_rollouts(rollout, extra, self.tokenizer.pad_token_id)
+            rollout = rollout.cat(extra, self.tokenizer.pad_token_id)
             raw = torch.cat([raw, extra_raw], dim=1)
             informative = torch.cat([informative, extra_informative])
             dropped, drawn = dropped + int((~extra_informative).sum()), drawn + missing
         # informative groups first; if still short, top up with uninformative ones (they carry only the KL term)
         order = torch.cat([informative.nonzero().flatten(), (~informative).nonzero().flatten()])[:wanted]
         rows = (order.sort().values[:, None] * g + torch.arange(g, device=order.device)).flatten()
-        rollout = _select(rollout, rows)
-        rollout["stats"] = {"dynamic_sampling/dropped_groups": torch.tensor(float(dropped)),
-                            "dynamic_sampling/drawn_prompts": torch.tensor(float(drawn))}
-        return rollout, raw[:, rows]
+        stats = {"dynamic_sampling/dropped_groups": torch.tensor(float(dropped)),
+                 "dynamic_sampling/drawn_prompts": torch.tensor(float(drawn))}
+        return rollout.select(rows), raw[:, rows], stats
 
     def _informative(self, raw: Tensor) -> Tensor:
         total = self._total(raw).view(-1, self.hparams.num_generations)
         return (total.max(dim=1).values - total.min(dim=1).values) > 1e-6
 
     # -- score ---------------------------------------------------------------------------------------------------
-    def score(self, rollout: dict[str, Any]) -> Tensor:
+    def score(self, rollout: Rollout) -> Tensor:
         """Each reward component of each completion, unweighted: ``[n_rewards, B]``."""
         errors: dict[str, int] = {}
-        raw = score(self.rewards, rollout["texts"], rollout["columns"], self.hparams.reward_errors, errors)
+        raw = score(self.rewards, rollout.texts, rollout.columns, self.hparams.reward_errors, errors)
         for name in errors.keys() - self._warned_rewards:
             log.warning("reward %r failed on %d of %d completions at step %d; they score 0 (model.reward_errors: "
                         "zero). Counted in reward_errors; this warning is shown once per reward.",
-                        name, errors[name], len(rollout["texts"]), self.trainer.global_step)
+                        name, errors[name], len(rollout), self.trainer.global_step)
             self._warned_rewards.add(name)
         self._reward_errors += sum(errors.values())
         return torch.tensor(raw, device=self.device)
@@ -397,97 +302,69 @@ class GRPO(LightningModule):
         weights = torch.tensor([r.weight for r in self.rewards], device=raw.device, dtype=raw.dtype)
         return (weights[:, None] * raw).sum(dim=0)
 
-    def advantages(self, rollout: dict[str, Any], raw: Tensor) -> Tensor:
-        """Group-relative advantages of the weighted reward, and the reward and length statistics."""
+    def advantages(self, rollout: Rollout, raw: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Group-relative advantages of the weighted reward, and the step's reward and length statistics."""
         hp = self.hparams
         total = self._total(raw)
         # the whole step's rewards, every rank's: for "batch" scaling and TRL's reward_std
         everyone = self.all_gather(total).flatten()
         advantages, group_std = group_advantages(total, hp.num_generations, hp.scale_rewards, batch_rewards=everyone)
-        lengths = rollout["mask"].sum(dim=1).float()
-        stats = {f"rewards/{r.name}/mean": raw[i] for i, r in enumerate(self.rewards)}
-        stats |= {
-            "reward": total,
-            "reward_std": everyone.std(),  # TRL's: the std of all the step's rewards
+        lengths = rollout.completion_mask.sum(dim=1).float()
+        stats = {f"rewards/{r.name}/mean": raw[i] for i, r in enumerate(self.rewards)} | {
+            "reward": total, "reward_std": everyone.std(),  # TRL's: the std of all the step's rewards
             "reward_std/group_mean": group_std[:: hp.num_generations],
             "frac_reward_zero_std": (group_std[:: hp.num_generations] < 1e-6).float(),
-            "completions/mean_length": lengths,
-            "completions/min_length": lengths.min(),
-            "completions/max_length": lengths.max(),
-            "completions/clipped_ratio": (~rollout["terminated"]).float(),
-        }
-        stats["reward_errors"] = torch.tensor(float(self._reward_errors))
-        if "answer" in rollout["columns"]:  # the samples' strict accuracy, whatever the rewards are
-            stats["accuracy"] = torch.tensor(grade(rollout["texts"], rollout["columns"]["answer"])["accuracy_strict"],
+            "completions/mean_length": lengths, "completions/min_length": lengths.min(),
+            "completions/max_length": lengths.max(), "completions/clipped_ratio": (~rollout.terminated).float(),
+            "reward_errors": torch.tensor(float(self._reward_errors))}
+        if "answer" in rollout.columns:  # the samples' strict accuracy, whatever the rewards are
+            stats["accuracy"] = torch.tensor(grade(rollout.texts, rollout.columns["answer"])["accuracy_strict"],
                                              dtype=torch.float)
-        rollout["stats"] = {**rollout.get("stats", {}), **stats}
-        self.last_rollout = {"question": rollout["columns"].get("question", []), "completion": rollout["texts"],
+        self.last_rollout = {"question": rollout.columns.get("question", []), "completion": rollout.texts,
                              **{r.name: raw[i].tolist() for i, r in enumerate(self.rewards)},
                              "reward": total.tolist(), "advantage": advantages.tolist()}
-        return advantages
+        return advantages, stats
 
-    def prepare(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+    def prepare(self, batch: dict[str, Any]) -> list[Rollout]:
         """rollout → score → advantages for a whole optimizer step, split into its accumulation micro-batches."""
         self._reward_errors = 0  # completions scored 0 by a failing reward in this rollout (reward_errors: zero)
         rollout = self.rollout(batch)
-        raw = self.score(rollout)
+        raw, stats = self.score(rollout), {}
         if self.hparams.dynamic_sampling:
-            rollout, raw = self.resample(rollout, raw)
-        rollout["advantages"] = self.advantages(rollout, raw)
-        loss_mask = rollout["mask"]
+            rollout, raw, stats = self.resample(rollout, raw)
+        advantages, scored = self.advantages(rollout, raw)
+        loss_mask = rollout.completion_mask
         if self.hparams.mask_truncated_completions:  # a cut-off answer is neither right nor wrong: no signal
-            loss_mask = loss_mask * rollout["terminated"].unsqueeze(1)
-        rollout["loss_mask"] = loss_mask
-        # dapo: every micro-batch divides by the token count of the whole step on all ranks. Lightning divides each
-        # micro-batch's loss by accumulate_grad_batches and DDP averages over ranks; both are undone here.
-        accumulate = self.trainer.accumulate_grad_batches
+            loss_mask = loss_mask * rollout.terminated.unsqueeze(1)
+        # dapo: every micro-batch divides by the token count of the whole step on all ranks
+        accumulate, world = self.trainer.accumulate_grad_batches, self.trainer.world_size
         tokens = loss_mask.sum().float()
-        if self.trainer.world_size > 1 and self.hparams.loss_type == "dapo":
+        if world > 1 and self.hparams.loss_type == "dapo":
             tokens = self.all_gather(tokens).sum()
-        num_items = dapo_num_items(tokens, accumulate * self.trainer.world_size)
-        stats = rollout.pop("stats")
-        stats["completions_per_step"] = torch.tensor(float(len(rollout["texts"]) * self.trainer.world_size))
-        micro_batches = [_trim(m) for m in _split(rollout, accumulate)]
-        for m in micro_batches:
-            m["num_items"] = num_items
-        micro_batches[0]["stats"] = stats  # the rollout's statistics, logged at every step that trains on it
-        return micro_batches
+        rollout = replace(rollout, advantages=advantages, loss_mask=loss_mask,
+                          num_items=dapo_num_items(tokens, accumulate * world))
+        self.rollout_stats = stats | scored | {"completions_per_step": torch.tensor(float(len(rollout) * world))}
+        return [m.trim() for m in rollout.split(accumulate)]
 
     # -- loss ----------------------------------------------------------------------------------------------------
-    def token_logps(self, model: Any, rollout: dict[str, Any]) -> Tensor:
+    def token_logps(self, model: Any, rollout: Rollout) -> Tensor:
         """Log-probs of the completion tokens under ``model`` at the sampling temperature, ``[B, T]``."""
-        input_ids = torch.cat([rollout["prompt_ids"], rollout["completion_ids"]], dim=1)
-        attention_mask = torch.cat([rollout["prompt_mask"], rollout["mask"]], dim=1)
-        # Left padding shifts positions; derive them from the mask exactly as `generate` does.
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-        width = rollout["completion_ids"].size(1)
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                  "use_cache": False}
-        if _head_is_linear(model):  # never materialise [B, T, V] logits: see chunked_token_logps
-            g = self.hparams.num_generations
-            hidden = None
-            if _groups_share_prompts(model, rollout["prompt_ids"], g):
-                hidden = _shared_prompt_hidden(model.get_decoder(), rollout, position_ids, g)
-            if hidden is None:
-                hidden = model.get_decoder()(**inputs).last_hidden_state[:, -width - 1:-1]
-            head = model.get_output_embeddings()
-            return chunked_token_logps(hidden, head.weight, rollout["completion_ids"], self.hparams.temperature,
-                                       head.bias)
-        logits = model(**inputs, logits_to_keep=width + 1).logits[:, :-1]
-        return selective_log_softmax(logits, rollout["completion_ids"], self.hparams.temperature)
+        linear = self._linear_heads.get(id(model))
+        if linear is None:  # a model other than the policy and the reference
+            linear = head_is_linear(model)
+        return token_logps(model, rollout, self.hparams.temperature, self.hparams.num_generations, linear)
 
-    def loss(self, micro: dict[str, Any]) -> Tensor:
+    def loss(self, micro: Rollout) -> Tensor:
         hp = self.hparams
         logps = self.token_logps(self.policy, micro)
         # The first pass over a rollout runs before any optimizer step on it: its log-probs are π_old's.
-        if "old_logps" not in micro:
-            micro["old_logps"] = logps.detach()
-        if self.reference is not None and "ref_logps" not in micro:
+        if micro.old_logps is None:
+            micro.old_logps = logps.detach()
+        if self.reference is not None and micro.ref_logps is None:
             with torch.no_grad():
-                micro["ref_logps"] = self.token_logps(self.reference, micro)
-        loss, stats = grpo_loss(logps, micro["old_logps"], micro["advantages"], micro["loss_mask"],
-                                micro.get("ref_logps"), hp.beta, hp.epsilon, hp.epsilon_high, hp.loss_type,
-                                hp.max_completion_length, micro["num_items"])
+                micro.ref_logps = self.token_logps(self.reference, micro)
+        loss, stats = grpo_loss(logps, micro.old_logps, micro.advantages, micro.loss_mask, micro.ref_logps, hp.beta,
+                                hp.epsilon, hp.epsilon_high, hp.loss_type, hp.max_completion_length, micro.num_items)
         self._log_stats({**stats, "loss": loss})
         return loss
 
@@ -498,7 +375,7 @@ class GRPO(LightningModule):
         if slot == 0 or not self.micro_batches:
             self.micro_batches = self.prepare(batch)
         if slot % accumulate == 0:
-            self._log_stats(self.micro_batches[0]["stats"])
+            self._log_stats(self.rollout_stats)
         loss = self.loss(self.micro_batches[slot % accumulate])
         if not torch.isfinite(loss):
             self._loss_not_finite = True
@@ -565,238 +442,58 @@ class GRPO(LightningModule):
 
     def answer(self, batch: dict[str, Any], samples: int = 0, seed: int = 0) -> tuple[list[str], Tensor]:
         """Greedy completions of the batch's prompts (or ``samples`` sampled ones each, seeded), and their lengths."""
-        input_ids, attention_mask, prefixes = batch["input_ids"], batch["attention_mask"], batch.get("prefix")
-        if not samples:
-            completion_ids, mask, _ = self.generate(input_ids, attention_mask, greedy=True)
-            return self.decode(completion_ids, mask, prefixes), mask.sum(dim=1)
-        completion_ids, mask, _ = self.generate_seeded(input_ids.repeat_interleave(samples, dim=0),
-                                                       attention_mask.repeat_interleave(samples, dim=0), seed,
-                                                       group=samples)
-        prefixes = [p for p in prefixes for _ in range(samples)] if prefixes else None
-        return self.decode(completion_ids, mask, prefixes), mask.sum(dim=1)
+        return self.sampler.answer(batch, samples, seed)
 
     def evaluate(self, batch: dict[str, Any], batch_idx: int, metrics: torch.nn.ModuleDict, stage: str) -> None:
         """Grade greedy answers (and, with ``maj_k``, a majority vote of samples); update and log ``metrics``."""
         texts, lengths = self.answer(batch)
-        truths = [parse_number(a) for a in batch["answer"]]
-        values = {name: torch.tensor(v, dtype=torch.float) for name, v in grade(texts, truths).items()}
-        values["completions/mean_length"] = lengths.float()
         k = self.hparams.maj_k
-        if k:
-            # a pure function of (seed, batch, rank), so an evaluation is repeatable
-            seed = seed_for(batch_idx, self.global_rank, stream=MAJ_K)
-            sampled, _ = self.answer(batch, samples=k, seed=seed)
-            answers = [strict_answer(t) for t in sampled]
-            votes = [majority_vote(answers[i * k:(i + 1) * k]) for i in range(len(texts))]
-            values[f"accuracy_maj@{k}"] = torch.tensor([v is not None and v == t for v, t in zip(votes, truths)],
-                                                       dtype=torch.float)
-            values[f"pass@{k}"] = torch.tensor([t is not None and t in answers[i * k:(i + 1) * k]
-                                                for i, t in enumerate(truths)], dtype=torch.float)
-        graded = _graded(batch)  # not the rows that only even out the ranks' batch counts
-        if not graded:
-            return
-        values = {name: value[graded] for name, value in values.items()}
-        self.val_records += [
-            {"question": batch["question"][i], "answer": batch["answer"][i], "completion": texts[i],
-             "strict": bool(s), "lenient": bool(n), "format": bool(f)}
-            for i, s, n, f in zip(graded, values["accuracy_strict"], values["accuracy_lenient"], values["format_rate"])
-        ]
+        # seeded by (seed, batch, rank), so that an evaluation repeats exactly
+        samples = self.answer(batch, k, seed_for(batch_idx, self.global_rank, stream=MAJ_K))[0] if k else None
+        answers, values = grade_batch(batch, texts, lengths, samples, k)
+        self.val_records += answers
         for name, value in values.items():
             metrics[name].update(value.to(self.device))
             # the metric object, not a tensor: Lightning computes it once per epoch, summed over every rank
             self.log(f"{stage}/{name}", metrics[name], on_step=False, on_epoch=True,
-                     prog_bar=name in ("accuracy_strict", "format_rate"), batch_size=len(graded))
+                     prog_bar=name in ("accuracy_strict", "format_rate"), batch_size=len(answers))
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Greedy answers, one record per problem; :class:`qmath.callbacks.WritePredictions` writes them in order."""
         texts, lengths = self.answer(batch)
-        graded, kept = grade(texts, batch["answer"]), _graded(batch)
         prompts = self.tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(batch["input_ids"],
                                                                                batch["attention_mask"])])
-        return [
-            {"index": int(i), "prompt": prompts[j], "completion": t, "extracted_answer": _number_text(strict_answer(t)),
-             "ground_truth": a, "correct": graded["accuracy_strict"][j] if a is not None else None,
-             "correct_lenient": graded["accuracy_lenient"][j] if a is not None else None,
-             "format": graded["format_rate"][j], "completion_tokens": int(n)}
-            for j, (i, t, a, n) in enumerate(zip(batch["index"].tolist(), texts, batch["answer"], lengths))
-            if j in kept
-        ]
-
-    def _eos_ids(self) -> list[int]:
-        ids = self.policy.generation_config.eos_token_id
-        ids = [ids] if isinstance(ids, int) else list(ids or [])
-        if self.tokenizer.eos_token_id not in ids:
-            ids.append(self.tokenizer.eos_token_id)
-        return ids
+        return [a.prediction() for a in grade_batch(batch, texts, lengths, prompts=prompts)[0]]
 
 
 class NonFiniteError(FloatingPointError):
     """Training met non-finite values it cannot step past; the message says what to change."""
 
 
-def _groups_share_prompts(model: Any, prompt_ids: Tensor, g: int) -> bool:
-    """Whether each run of ``g`` rows holds one prompt, and the model can run a prompt once for its group.
-
-    Gradient checkpointing turns the KV cache off in training, so it keeps the plain path.
-    """
-    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x's name
-    if checkpointing is None:
-        checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    return not checkpointing and _grouped(prompt_ids, g)
-
-
-def _grouped(prompt_ids: Tensor, g: int) -> bool:
-    """Whether the rows come in runs of ``g`` copies of one prompt."""
-    rows = prompt_ids.size(0)
-    if g < 2 or rows % g:
-        return False
-    grouped = prompt_ids.view(rows // g, g, -1)
-    return bool((grouped == grouped[:, :1]).all())
+_LIMITS = {  # option: (whether a value is possible, what it must be)
+    "num_generations": (lambda v: v >= 2, "at least 2 to form a group"),
+    "max_completion_length": (lambda v: v >= 1, "positive"),
+    "temperature": (lambda v: v > 0, "positive"),
+    "num_iterations": (lambda v: v >= 1, "at least 1"),
+    "maj_k": (lambda v: v is None or v >= 2, "at least 2 samples to vote, or null"),
+    "max_skipped_steps": (lambda v: v >= 1, "at least 1"),
+    "max_sampling_rounds": (lambda v: v >= 0, "at least 0"),
+}
 
 
-@torch.no_grad()
-def _shared_prefill(model: Any, input_ids: Tensor, attention_mask: Tensor, group: int) -> dict[str, Any]:
-    """``generate`` arguments that start it from a KV cache of each prompt, computed once per group of copies.
-
-    The cache covers all but each prompt's last token, which ``generate`` then runs itself (it needs one token to
-    start from). ``{}`` when the rows are not groups of one prompt or the model returns no cache.
-    """
-    if input_ids.size(1) < 2 or not _grouped(input_ids, group):  # (generation runs in eval: a cache either way)
-        return {}
-    ids, mask = input_ids[::group, :-1], attention_mask[::group, :-1]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
-                use_cache=True, logits_to_keep=1)
-    cache = _repeated_cache(out, group)
-    return {_cache_argument(model): cache} if cache is not None else {}
-
-
-def _repeated_cache(output: Any, repeats: int) -> Any | None:
-    """The KV cache a forward pass returned, each row repeated ``repeats`` times; ``None`` if it returned none."""
-    cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)  # `cache` in transformers 5
-    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-        return None
-    cache.batch_repeat_interleave(repeats)
-    return cache
-
-
-def _cache_argument(model: Any) -> str:
-    """What the model's forward calls its KV cache: ``cache`` since transformers 5.x, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _shared_prompt_hidden(decoder: Any, rollout: dict[str, Any], position_ids: Tensor, g: int) -> Tensor | None:
-    """The last hidden states before each completion token, ``[B, T, H]``, with each prompt run once per group;
-    ``None`` if the decoder returns no KV cache to share.
-
-    The G completions of a prompt share its forward pass: the prompt runs once, its KV cache is repeated for the G
-    completions (a differentiable copy, so the gradient still reaches the prompt's activations), and only the
-    completion tokens run G times. With prompts of 160 tokens, completions of 96 and G = 4, that is half the tokens.
-    """
-    prompt_mask = rollout["prompt_mask"]
-    width = prompt_mask.size(1)
-    prompt = decoder(input_ids=rollout["prompt_ids"][::g], attention_mask=prompt_mask[::g],
-                     position_ids=position_ids[::g, :width], use_cache=True)
-    cache = _repeated_cache(prompt, g)
-    if cache is None:
-        return None
-    completion = decoder(input_ids=rollout["completion_ids"], attention_mask=torch.cat([prompt_mask, rollout["mask"]],
-                         dim=1), position_ids=position_ids[:, width:], use_cache=True,
-                         **{_cache_argument(decoder): cache})
-    last_prompt = prompt.last_hidden_state[:, -1:].repeat_interleave(g, dim=0)  # predicts the first token
-    return torch.cat([last_prompt, completion.last_hidden_state[:, :-1]], dim=1)
-
-
-@torch.no_grad()
-def _head_is_linear(model: Any) -> bool:
-    """Whether the logits are exactly ``output_embeddings(decoder(x))``, checked once per model on four tokens.
-
-    Most causal LMs are; some scale or soft-cap the logits after the head (Gemma 2, Cohere), and those keep the
-    full-logits path.
-    """
-    if not hasattr(model, "_qmath_head_is_linear"):
-        head = model.get_output_embeddings()
-        scaled = any(getattr(model.config, a, None) not in (None, 1, 1.0)
-                     for a in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
-        ok = isinstance(head, torch.nn.Linear) and model.get_decoder() is not model and not scaled
-        if ok:
-            was_training = model.training
-            model.eval()  # dropout would make the two paths differ
-            try:
-                ids = torch.arange(4, device=head.weight.device)[None] % head.out_features
-                logits = model(input_ids=ids, use_cache=False).logits
-                hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
-                ok = torch.allclose(head(hidden), logits, rtol=1e-3, atol=1e-3)
-            finally:
-                model.train(was_training)
-        model._qmath_head_is_linear = ok
-    return model._qmath_head_is_linear
-
-
-def _graded(batch: dict[str, Any]) -> list[int]:
-    """The rows of a held-out batch to grade: all but the padding that evens out the ranks' batch counts."""
-    padding = batch.get("padding")
-    return [i for i in range(len(batch["question"])) if padding is None or not bool(padding[i])]
-
-
-def _number_text(value: Any) -> str | None:
-    return None if value is None else str(value)
+def _check_options(options: dict[str, Any]) -> None:
+    """Impossible option values fail when the config is read, before a model loads; each message names its key."""
+    for key, (possible, what) in _LIMITS.items():
+        if not possible(options[key]):
+            raise ValueError(f"model.{key} must be {what}, got {options[key]}")
+    epsilon, epsilon_high = options["epsilon"], options["epsilon_high"]
+    if epsilon <= 0 or (epsilon_high is not None and epsilon_high <= 0):
+        raise ValueError(f"model.epsilon and model.epsilon_high must be positive, got {epsilon}, {epsilon_high}")
+    distorting = check_generation_kwargs(options["generation_kwargs"])
+    if distorting:
+        rank_zero_warn(f"model.generation_kwargs {distorting} change the distribution rollouts are sampled from, "
+                       "so the loss (ratio and KL) no longer scores the distribution the completions came from")
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, Tensor) else _to_device(v, device) if k == "stats" else v
-            for k, v in batch.items()}
-
-
-def _to_cpu(batch: dict[str, Any]) -> dict[str, Any]:
-    return _to_device(batch, torch.device("cpu"))
-
-
-def _select(rollout: dict[str, Any], rows: Tensor) -> dict[str, Any]:
-    """The rows ``rows`` of every per-completion field."""
-    index = rows.tolist()
-    out = {k: v[rows] if isinstance(v, Tensor) else [v[i] for i in index] for k, v in rollout.items()
-           if k not in ("columns", "stats")}
-    out["columns"] = {k: [v[i] for i in index] for k, v in rollout["columns"].items()}
-    return out
-
-
-def _split(rollout: dict[str, Any], parts: int) -> list[dict[str, Any]]:
-    n = len(rollout["texts"])
-    if n % parts:
-        raise ValueError(f"{n} completions do not split into {parts} micro-batches")
-    size = n // parts
-    return [_select(rollout, torch.arange(i * size, (i + 1) * size)) for i in range(parts)]
-
-
-def _trim(micro: dict[str, Any]) -> dict[str, Any]:
-    """Drop columns that are padding in every row: left of the longest prompt, right of the longest completion."""
-    prompt_start = int((micro["prompt_mask"].sum(dim=0) > 0).int().argmax())
-    width = int(micro["mask"].sum(dim=1).max())
-    out = dict(micro)
-    for key in ("prompt_ids", "prompt_mask"):
-        out[key] = micro[key][:, prompt_start:]
-    for key in ("completion_ids", "mask", "loss_mask"):
-        out[key] = micro[key][:, :width]
-    return out
-
-
-def _cat_rollouts(a: dict[str, Any], b: dict[str, Any], pad: int) -> dict[str, Any]:
-    """Two rollouts as one: prompts left-padded, completions right-padded to common widths."""
-
-    def left(x: Tensor, width: int, value: int) -> Tensor:
-        return torch.nn.functional.pad(x, (width - x.size(1), 0), value=value)
-
-    def right(x: Tensor, width: int, value: int) -> Tensor:
-        return torch.nn.functional.pad(x, (0, width - x.size(1)), value=value)
-
-    p = max(a["prompt_ids"].size(1), b["prompt_ids"].size(1))
-    c = max(a["completion_ids"].size(1), b["completion_ids"].size(1))
-    return {
-        "prompt_ids": torch.cat([left(a["prompt_ids"], p, pad), left(b["prompt_ids"], p, pad)]),
-        "prompt_mask": torch.cat([left(a["prompt_mask"], p, 0), left(b["prompt_mask"], p, 0)]),
-        "completion_ids": torch.cat([right(a["completion_ids"], c, pad), right(b["completion_ids"], c, pad)]),
-        "mask": torch.cat([right(a["mask"], c, 0), right(b["mask"], c, 0)]),
-        "terminated": torch.cat([a["terminated"], b["terminated"]]),
-        "texts": a["texts"] + b["texts"],
-        "columns": {k: a["columns"][k] + b["columns"].get(k, []) for k in a["columns"]},
-    }
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}

@@ -45,9 +45,10 @@ def test_learning_runs_end_to_end_on_the_tiny_model(tiny_model, tmp_path):
 @pytest.mark.parametrize("logits", ["chunked", "full"])
 def test_memory_benchmark_measures_a_t4x2_step(tmp_path, logits):
     from benchmarks import memory
+    from qmath.generation import Sampler
     from qmath.module import GRPO
 
-    methods = (GRPO.generate, GRPO.token_logps)
+    methods = (Sampler.generate, GRPO.token_logps)
     result = memory.main(["--small", "--workdir", str(tmp_path), "--prompt-length", "80", "--logits", logits, "--",
                           "--model.max_completion_length", "16"])
     # t4x2's 8 completions per prompt, prompts of exactly 80 tokens, and a random model that never stops early
@@ -57,7 +58,7 @@ def test_memory_benchmark_measures_a_t4x2_step(tmp_path, logits):
     assert result["peak"] >= result["step_start"] > result["libraries"] > 0
     assert set(result["phases"]) == {"rollout (generate)", "policy forward", "reference forward", "backward",
                                      "optimizer step"}
-    assert (GRPO.generate, GRPO.token_logps) == methods  # the probes are gone: later runs are not measured
+    assert (Sampler.generate, GRPO.token_logps) == methods  # the probes are gone: later runs are not measured
 
 
 def test_vs_trl_times_qmath_and_the_floor_on_the_tiny_model(tiny_model, tmp_path):

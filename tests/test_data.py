@@ -7,8 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qmath.data import FEW_SHOT, GSM8K, DataError, _parse_row, _read_file
+from qmath.data import FEW_SHOT, GSM8K, DataError
 from qmath.rewards import extract_hash_answer, parse_number, strict_format_reward
+from qmath.rows import parse_row, read_file
 from qmath.synthetic import TEMPLATES, make_splits, problems
 from tests.conftest import SHARED_GSM8K
 
@@ -187,7 +188,7 @@ def test_real_gsm8k_files(tiny_model):
 def test_row_parser_accepts_or_explains(row):
     for truth_required in (True, False):
         try:
-            parsed = _parse_row(row, truth_required=truth_required)
+            parsed = parse_row(row, truth_required=truth_required)
         except DataError as error:
             assert str(error)  # a reason, which check() prefixes with the line number
         else:
@@ -204,7 +205,7 @@ def test_jsonl_reader_on_arbitrary_lines_reads_or_explains(tmp_path_factory, lin
     path.write_text("\n".join(lines).replace("\r", ""), encoding="utf-8", errors="surrogatepass")
     data = GSM8K(path=str(path), strict=False)
     try:
-        rows = data.check(_read_file(str(path)), str(path))
+        rows = data.rows.check(read_file(str(path)), str(path))
     except DataError as error:
         assert str(path) in str(error)
     else:
@@ -235,7 +236,7 @@ def test_repeat_batch_sampler_repeats_and_resumes_mid_batch():
     import torch
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    from qmath.data import RepeatBatchSampler, ShuffleSampler
+    from qmath.samplers import RepeatBatchSampler, ShuffleSampler
 
     rows = list(range(10))
 

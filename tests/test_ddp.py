@@ -36,8 +36,8 @@ class RecordRanks(Callback):
         rollout = pl_module.last_rollout  # as scored at this step; empty on a step that reuses a resumed rollout
         micro = pl_module.micro_batches
         self.steps.append({"question": rollout.get("question"), "reward": rollout.get("reward"),
-                           "texts": [t for m in micro for t in m["texts"]],
-                           "lengths": [int(n) for m in micro for n in m["mask"].sum(dim=1)]})
+                           "texts": [t for m in micro for t in m.texts],
+                           "lengths": [int(n) for m in micro for n in m.completion_mask.sum(dim=1)]})
 
     def on_train_end(self, trainer, pl_module) -> None:
         checksum = sum(p.detach().double().sum().item() for p in pl_module.policy.parameters())

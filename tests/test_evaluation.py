@@ -73,7 +73,7 @@ class CraftedAnswers(Callback):
 
     def _write(self, trainer, pl_module, stage) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        seen = sorted(int(r["question"].split()[1].rstrip(":")) for r in pl_module.val_records)
+        seen = sorted(int(r.question.split()[1].rstrip(":")) for r in pl_module.val_records)
         Path(f"{stage}-{trainer.global_rank}.json").write_text(json.dumps({"metrics": metrics, "seen": seen,
                                                                           "batches": self.batches}))
 

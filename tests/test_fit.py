@@ -146,7 +146,8 @@ def test_resume_continues_from_last(tiny_model, in_tmp):
 def test_validate_loads_no_reference(tiny_model, in_tmp):
     cli = main(["validate", "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model))])
     assert cli.model.reference is None
-    assert len(cli.model.val_records) == 4 and {"strict", "lenient", "format"} <= set(cli.model.val_records[0])
+    assert len(cli.model.val_records) == 4 and {"correct", "correct_lenient", "format"} <= set(
+        vars(cli.model.val_records[0]))
 
 
 def test_beta_zero_loads_no_reference(tiny_model, in_tmp):
@@ -208,7 +209,9 @@ def test_resume_between_reuses_of_a_rollout(tiny_model, in_tmp):
                      "--trainer.logger.init_args.name", "once"])
     main(["fit", "--config", "cpu", "--config", config, *mu, "--trainer.max_steps", "1"])  # stops mid-rollout
     ckpt = torch.load(in_tmp / "lightning_logs" / "cpu" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert [len(r) for r in ckpt["qmath_rollouts"]] == [1] and "old_logps" in ckpt["qmath_rollouts"][0][0]
+    rollouts = ckpt["qmath_rollouts"]  # one rank's, one micro-batch, its π_old kept
+    assert [len(r["micro_batches"]) for r in rollouts] == [1]
+    assert rollouts[0]["micro_batches"][0]["old_logps"] is not None
     resumed = main(["fit", "--config", "cpu", "--config", config, *mu, "--trainer.max_steps", "3",
                     "--ckpt_path", "last"])
     assert resumed.model.last_rollout["question"] == straight.model.last_rollout["question"]
@@ -223,9 +226,9 @@ def test_accumulation_samples_the_whole_step_at_once(tiny_model, in_tmp):
     assert cli.trainer.global_step == 2
     # one rollout of 2 micro-batches x 2 prompts x 4 generations per optimizer step, split in two
     assert len(cli.model.last_rollout["completion"]) == 16
-    assert [len(m["texts"]) for m in cli.model.micro_batches] == [8, 8]
-    tokens = sum(int(m["loss_mask"].sum()) for m in cli.model.micro_batches)
-    assert cli.model.micro_batches[0]["num_items"].item() == pytest.approx(tokens / 2)
+    assert [len(m.texts) for m in cli.model.micro_batches] == [8, 8]
+    tokens = sum(int(m.loss_mask.sum()) for m in cli.model.micro_batches)
+    assert cli.model.micro_batches[0].num_items.item() == pytest.approx(tokens / 2)
 
 
 def group_reward(completions, question, **_):
@@ -252,8 +255,8 @@ def test_mask_truncated_completions_zeroes_their_loss(tiny_model, in_tmp):
     cli = main(["fit", "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)),
                 "--model.mask_truncated_completions", "true", "--model.beta", "0", "--trainer.max_steps", "1"])
     micro = cli.model.micro_batches[0]
-    assert not micro["terminated"].any()
-    assert micro["loss_mask"].sum() == 0
+    assert not micro.terminated.any()
+    assert micro.loss_mask.sum() == 0
     before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     assert all(torch.equal(before[k], v) for k, v in cli.model.policy.state_dict().items())
 

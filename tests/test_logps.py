@@ -4,27 +4,36 @@ from __future__ import annotations
 
 import torch
 
-from qmath.module import GRPO, _head_is_linear
+from qmath.logprobs import head_is_linear
+from qmath.module import GRPO
+from qmath.rollout import Rollout
 from tests.test_grpo import LargestTensor
 
 
-def rollout(vocab: int, batch: int = 8, width: int = 96) -> dict:
+def make_rollout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                 mask: torch.Tensor) -> Rollout:
+    rows = prompt_ids.size(0)
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                   completion_mask=mask, terminated=torch.ones(rows, dtype=torch.bool), texts=[""] * rows, columns={})
+
+
+def rollout(vocab: int, batch: int = 8, width: int = 96) -> Rollout:
     torch.manual_seed(0)
     prompt_mask = torch.ones(batch, 5, dtype=torch.long)
     prompt_mask[0, :2] = 0  # left padding
     mask = torch.ones(batch, width, dtype=torch.long)
     mask[1, 40:] = 0  # a completion that ended early
-    return {"prompt_ids": torch.randint(3, vocab, (batch, 5)), "prompt_mask": prompt_mask,
-            "completion_ids": torch.randint(3, vocab, (batch, width)), "mask": mask}
+    return make_rollout(torch.randint(3, vocab, (batch, 5)), prompt_mask, torch.randint(3, vocab, (batch, width)),
+                        mask)
 
 
-def full_logits_logps(module: GRPO, model, r: dict) -> torch.Tensor:
-    ids = torch.cat([r["prompt_ids"], r["completion_ids"]], 1)
-    attention = torch.cat([r["prompt_mask"], r["mask"]], 1)
+def full_logits_logps(module: GRPO, model, r: Rollout) -> torch.Tensor:
+    ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
+    attention = torch.cat([r.prompt_mask, r.completion_mask], 1)
     logits = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(1) - 1).clamp(min=0),
-                   use_cache=False).logits[:, -r["completion_ids"].size(1) - 1:-1]
+                   use_cache=False).logits[:, -r.completion_ids.size(1) - 1:-1]
     return torch.log_softmax(logits / module.hparams.temperature, -1).gather(
-        -1, r["completion_ids"][..., None]).squeeze(-1)
+        -1, r.completion_ids[..., None]).squeeze(-1)
 
 
 def test_logps_from_hidden_states_equal_full_logits_and_never_hold_them(tiny_model):
@@ -32,7 +41,7 @@ def test_logps_from_hidden_states_equal_full_logits_and_never_hold_them(tiny_mod
     module.configure_model()
     vocab = module.policy.config.vocab_size
     r = rollout(vocab)
-    assert _head_is_linear(module.policy)
+    assert head_is_linear(module.policy)
     expected = full_logits_logps(module, module.policy, r)
     with LargestTensor() as largest:
         logps = module.token_logps(module.policy, r)
@@ -52,11 +61,11 @@ def test_soft_capped_logits_keep_the_full_logits_path(tmp_path):
     torch.nn.init.normal_(model.model.embed_tokens.weight, std=3.0)  # logits big enough for the cap to bite
     module = GRPO(temperature=0.7)
     r = rollout(64, batch=2, width=6)
-    assert not _head_is_linear(model)
+    assert not head_is_linear(model)
     torch.testing.assert_close(module.token_logps(model, r), full_logits_logps(module, model, r))
 
 
-def grouped_rollout(vocab: int, prompts: int = 2, g: int = 4, width: int = 12) -> dict:
+def grouped_rollout(vocab: int, prompts: int = 2, g: int = 4, width: int = 12) -> Rollout:
     """``prompts`` prompts of different lengths (left padded), each repeated for its ``g`` completions."""
     torch.manual_seed(1)
     prompt_ids = torch.randint(3, vocab, (prompts, 7))
@@ -64,27 +73,27 @@ def grouped_rollout(vocab: int, prompts: int = 2, g: int = 4, width: int = 12) -
     prompt_mask[0, :3] = 0
     mask = torch.ones(prompts * g, width, dtype=torch.long)
     mask[1, 5:] = 0
-    return {"prompt_ids": prompt_ids.repeat_interleave(g, 0), "prompt_mask": prompt_mask.repeat_interleave(g, 0),
-            "completion_ids": torch.randint(3, vocab, (prompts * g, width)), "mask": mask}
+    return make_rollout(prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0),
+                        torch.randint(3, vocab, (prompts * g, width)), mask)
 
 
 def test_each_prompt_runs_once_for_its_group_with_the_same_values_and_gradients(tiny_model):
     from unittest import mock
 
-    from qmath.module import _groups_share_prompts
+    from qmath.logprobs import groups_share_prompts
 
     module = GRPO(model_name_or_path=str(tiny_model), num_generations=4)
     module.configure_model()
     model = module.policy
     r = grouped_rollout(model.config.vocab_size)
-    assert _groups_share_prompts(model, r["prompt_ids"], 4)
-    assert not _groups_share_prompts(model, r["prompt_ids"].roll(1, 0), 4)  # a group with two prompts
+    assert groups_share_prompts(model, r.prompt_ids, 4)
+    assert not groups_share_prompts(model, r.prompt_ids.roll(1, 0), 4)  # a group with two prompts
 
     def logps_and_grads(share: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         model.zero_grad()
-        with mock.patch("qmath.module._groups_share_prompts", lambda *a: share):
+        with mock.patch("qmath.logprobs.groups_share_prompts", lambda *a: share):
             out = module.token_logps(model, r)
-        (out * r["mask"]).sum().backward()
+        (out * r.completion_mask).sum().backward()
         return out.detach(), [p.grad.clone() for p in model.parameters()]
 
     shapes = []
@@ -94,7 +103,7 @@ def test_each_prompt_runs_once_for_its_group_with_the_same_values_and_gradients(
         shapes.append(tuple(kwargs["input_ids"].shape))
         return forward(*args, **kwargs)
 
-    assert _head_is_linear(model)  # its one-off check runs the decoder too
+    assert head_is_linear(model)  # its one-off check runs the decoder too
     with mock.patch.object(decoder, "forward", spy):
         module.token_logps(model, r)
     assert shapes == [(2, 7), (8, 12)]  # 2 prompts once each, then the 8 completions on their cache
@@ -105,27 +114,27 @@ def test_each_prompt_runs_once_for_its_group_with_the_same_values_and_gradients(
     for a, b in zip(shared_grads, plain_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert not _groups_share_prompts(model, r["prompt_ids"], 4)  # no KV cache in training under checkpointing
+    assert not groups_share_prompts(model, r.prompt_ids, 4)  # no KV cache in training under checkpointing
 
 
 def test_generation_from_a_shared_prefill_is_exactly_as_before(tiny_model):
     """Each prompt's prefill runs once for its G copies; greedy and seeded sampled completions are unchanged."""
     from unittest import mock
 
-    import qmath.module
+    import qmath.generation
 
     module = GRPO(model_name_or_path=str(tiny_model), num_generations=4, max_completion_length=10)
     module.configure_model()
     r = grouped_rollout(module.policy.config.vocab_size)
-    ids, mask = r["prompt_ids"], r["prompt_mask"]
-    assert qmath.module._shared_prefill(module.policy, ids, mask, 4)  # it applies here
-    assert not qmath.module._shared_prefill(module.policy, ids.roll(1, 0), mask, 4)  # and not to mixed groups
+    ids, mask = r.prompt_ids, r.prompt_mask
+    assert qmath.generation.shared_prefill(module.policy, ids, mask, 4)  # it applies here
+    assert not qmath.generation.shared_prefill(module.policy, ids.roll(1, 0), mask, 4)  # and not to mixed groups
 
     def completions(share: bool) -> list[torch.Tensor]:
-        prefill = qmath.module._shared_prefill if share else (lambda *args: {})
-        with mock.patch.object(qmath.module, "_shared_prefill", prefill):
-            greedy = module.generate(ids, mask, greedy=True, group=4)[0]
-            sampled = module.generate_seeded(ids, mask, seed=7, group=4)[0]
+        prefill = qmath.generation.shared_prefill if share else (lambda *args: {})
+        with mock.patch.object(qmath.generation, "shared_prefill", prefill):
+            greedy = module.sampler.generate(ids, mask, greedy=True, group=4)[0]
+            sampled = module.sampler.generate_seeded(ids, mask, seed=7, group=4)[0]
         return [greedy, sampled]
 
     shared, plain = completions(True), completions(False)

@@ -59,7 +59,8 @@ def test_sampled_first_tokens_follow_softmax_of_logits_over_temperature(qwen_lik
     penalised = torch.softmax(penalised_logits / t, dim=-1)
 
     n = 20_000
-    completions, _, _ = module.generate_seeded(prompt.repeat(n, 1), torch.ones_like(prompt).repeat(n, 1), seed=0)
+    rows, mask = prompt.repeat(n, 1), torch.ones_like(prompt).repeat(n, 1)
+    completions, _, _ = module.sampler.generate_seeded(rows, mask, seed=0)
     drawn = torch.bincount(completions[:, 0], minlength=expected.numel()).float() / n
     mass, se = drawn[seen].sum(), (expected[seen].sum() * (1 - expected[seen].sum()) / n).sqrt()
     assert abs(mass - expected[seen].sum()) < 5 * se  # the prompt's tokens are drawn as often as softmax says

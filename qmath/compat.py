@@ -1,0 +1,46 @@
+"""Every shim over transformers versions, in one place: what a KV cache argument is called, how a returned cache is
+found and repeated, and how activation checkpointing is switched on and seen. When one of these moves again, this
+is the file to change."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+
+def returned_cache(output: Any) -> Any | None:
+    """The KV cache a forward pass returned: ``cache`` since transformers 5, ``past_key_values`` before."""
+    return getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+
+
+def repeated_cache(output: Any, repeats: int) -> Any | None:
+    """The KV cache a forward pass returned, each row repeated ``repeats`` times; ``None`` if it returned none (or
+    one of a class that cannot repeat its rows)."""
+    cache = returned_cache(output)
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(repeats)
+    return cache
+
+
+def cache_argument(model: Any) -> str:
+    """What the model's forward calls its KV cache: ``cache`` since transformers 5.x, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """Non-reentrant activation checkpointing (``activation_checkpointing_enable`` since transformers 5.x;
+    ``gradient_checkpointing_enable``, now deprecated, before), and no KV cache in training."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def is_activation_checkpointing(model: Any) -> bool:
+    """Whether activations are recomputed in backward (which turns the KV cache off in training)."""
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x's name
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    return bool(checkpointing)
