@@ -1,5 +1,6 @@
 """The reference run (configs/t4x2.yaml) on a GPU, in one command: step time by phase, tokens/s, peak memory,
-at 32-true and 16-mixed, and TRL's GRPOTrainer on the same work.
+with eager and compiled decoding, at 32-true and 16-mixed, TRL's GRPOTrainer on the same work, and the hardware
+floor of each phase measured on the same device.
 
     python benchmarks/gpu_check.py --prepare   # where pip works: wheels the GPU machine lacks, and a tokenizer
     python benchmarks/gpu_check.py             # on the GPU: the table, and gpu_check.json under $OUT if set
@@ -8,11 +9,13 @@ at 32-true and 16-mixed, and TRL's GRPOTrainer on the same work.
 The work is one T4 rank of the reference run: the Qwen2.5-0.5B-Instruct architecture with random weights (no hub
 here), one prompt of 256 tokens, 8 completions forced to 512 tokens (``min_new_tokens``; a random model rarely
 samples EOS anyway), fp32, gradient checkpointing, beta 0.04, through ``python -m qmath fit --config t4x2`` with
-only the model, data, devices, steps, logging and, for the second run, the precision overridden
-(``benchmarks/memory.py`` runs it and times each phase). Each run is a process of its own, capped at
+only the model, data, devices, steps, logging, the generation backend (eager, compiled) and the precision
+overridden (``benchmarks/memory.py`` runs it and times each phase). Each run is a process of its own, capped at
 ``--memory-gib`` (15, a T4's memory) with ``torch.cuda.set_per_process_memory_fraction``. The first step is a
-warm-up; the table gives the median of the others. The TRL run gets the same model, prompt and settings
-(``dapo`` loss, group-scaled advantages, masked truncated completions, temperature 0.9, lr 5e-6).
+warm-up (and, compiled, the compilation); the table gives the median of the others. The TRL run gets the same
+model, prompt and settings (``dapo`` loss, group-scaled advantages, masked truncated completions, temperature 0.9,
+lr 5e-6). The floor is each phase at the device's measured copy bandwidth and fp32 matmul throughput (see
+``floors``).
 
 An H100 capped at 15 GiB is not a T4: it has the T4's memory limit but about 10x its fp32 throughput and 10x its
 memory bandwidth, so the memory figures carry over to a T4 and the times do not (the ratios between phases and
@@ -46,7 +49,7 @@ WHEELS = REPO / ".whl"
 # tensorboard, pandas, pyarrow, xxhash and the rest are there
 CARRIED = ["datasets", "dill", "multiprocess", "jsonargparse", "docstring-parser", "typeshed-client", "torchdata",
            "trl"]
-ROLES = ["qmath 32-true", "qmath 16-mixed", "TRL 32-true"]
+ROLES = ["qmath 32-true eager", "qmath 32-true compiled", "TRL 32-true", "qmath 16-mixed compiled"]
 GiB = 2**30
 
 
@@ -73,13 +76,14 @@ def cap_memory(gib: float) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GiB / total))
 
 
-def run_qmath(args: argparse.Namespace, precision: str) -> dict[str, Any]:
+def run_qmath(args: argparse.Namespace, precision: str, backend: str) -> dict[str, Any]:
     from benchmarks import memory
 
     options = ["--workdir", args.workdir, "--prompt-length", str(args.prompt_length), "--steps", str(args.steps),
                "--tokenizer", args.tokenizer] + (["--small"] if args.tiny else [])
     fit = ["--trainer.precision", precision, "--model.max_completion_length", str(args.length),
-           "--model.generation_kwargs", json.dumps({"min_new_tokens": args.length})]
+           "--model.generation_kwargs", json.dumps({"min_new_tokens": args.length}),
+           "--model.generation_backend", backend]
     result = memory.main([*options, "--", *fit])
     history = result["history"]
     completions = result["completions"] * result["completion_length_mean"]
@@ -88,7 +92,13 @@ def run_qmath(args: argparse.Namespace, precision: str) -> dict[str, Any]:
               "reference forward": median_after_warmup(history["reference forward"]),
               "policy forward + backward": median_after_warmup(policy),
               "optimizer": median_after_warmup(history["optimizer step"])}
-    return {"step_s": median_after_warmup(history["step"]), "phases": phases,
+    step = median_after_warmup(history["step"])
+    import yaml
+
+    group = yaml.safe_load((REPO / "configs" / "t4x2.yaml").read_text())["model"]["num_generations"]
+    return {"step_s": step, "first_step_s": history["step"][0], "phases": phases, "parameters": result["parameters"],
+            "head_parameters": result["head_parameters"], "prompts": result["completions"] // group,
+            "decode_ms_per_token": 1000 * phases["generate"] / result["completion_length_mean"],
             "tokens_per_s": completions / phases["generate"], "peak_allocated_gib": result["peak"],
             "peak_reserved_gib": result["peak_reserved"], "peak_phase": result["peak_phase"],
             "completion_length": result["completion_length_mean"],
@@ -175,6 +185,47 @@ def child(role: str, args: argparse.Namespace) -> dict[str, Any]:
     return {**json.loads(out.read_text()), "wall_s": time.perf_counter() - start}
 
 
+def hardware() -> dict[str, float]:
+    """What this device moves and computes at best, measured: the bandwidth of a large tensor copy (bytes read and
+    written per second) and the FLOP/s of a large fp32 matrix product (TF32 off, as in the runs)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 2**28 if device == "cuda" else 2**25  # 1 GiB or 128 MiB of fp32
+    size = 8192 if device == "cuda" else 2048
+    a, b = torch.empty(n, device=device), torch.empty(n, device=device)
+    x, y = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+
+    def best(fn: Any, repeats: int = 5) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return {"bandwidth_bytes_per_s": 2 * 4 * n / best(lambda: b.copy_(a)),
+            "fp32_flops_per_s": 2 * size**3 / best(lambda: x @ y)}
+
+
+def floors(run: dict[str, Any], hw: dict[str, float]) -> dict[str, float]:
+    """Each phase's time if it did the least work at the measured limits. Decoding reads every weight once per
+    token (the KV cache and activations are small beside them). A forward is 2 FLOPs per weight per token: the
+    decoder's for each prompt once and every completion token, the output head's for the completion tokens only; a
+    backward is twice a forward (no recomputation counted). AdamW reads the weights, gradients and two moments and
+    writes three of them."""
+    n, head, weight_bytes = run["parameters"], run["head_parameters"], 4 * run["parameters"]
+    completion_tokens = run["completions"] * run["completion_length"]
+    forward = (2 * (n - head) * (run["prompts"] * run["prompt_length"] + completion_tokens)
+               + 2 * head * completion_tokens) / hw["fp32_flops_per_s"]
+    return {"generate": run["completion_length"] * weight_bytes / hw["bandwidth_bytes_per_s"],
+            "reference forward": forward, "policy forward + backward": 3 * forward,
+            "optimizer": 7 * weight_bytes / hw["bandwidth_bytes_per_s"]}
+
+
 def environment() -> dict[str, Any]:
     versions = {name: _version(name) for name in ("torch", "lightning", "transformers", "trl")}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -194,18 +245,28 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"\nqmath gpu_check: {env['device']}, capped at {report['memory_gib']} GiB; {report['completions']} "
           f"completions x {report['length']} tokens after a {report['prompt_length']}-token prompt; median of steps "
           f"2..{report['steps']}; {', '.join(f'{k} {v}' for k, v in env['versions'].items() if v)}\n")
-    print("| run | step (s) | generate (s) | reference fwd (s) | policy fwd+bwd (s) | optimizer (s) | generation "
-          "tokens/s | peak allocated (GiB) | peak reserved (GiB) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for role, r in runs.items():
+    print("| run | step (s) | first step (s) | generate (s) | decode (ms/token) | reference fwd (s) | policy "
+          "fwd+bwd (s) | optimizer (s) | generation tokens/s | peak allocated (GiB) | peak reserved (GiB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = dict(runs)
+    if "floor" in report:
+        f = report["floor"]
+        rows["hardware floor"] = {"step_s": sum(f.values()), "phases": f,
+                                  "decode_ms_per_token": 1000 * f["generate"] / report["length"]}
+    for role, r in rows.items():
         if "error" in r:
-            print(f"| {role} | failed: {r['error']} |||||||| ")
+            print(f"| {role} | failed: {r['error']} |||||||||| ")
             continue
         p = r.get("phases", {})
-        cells = [r["step_s"], p.get("generate"), p.get("reference forward"), p.get("policy forward + backward"),
-                 p.get("optimizer"), r.get("tokens_per_s"), r.get("peak_allocated_gib"), r.get("peak_reserved_gib")]
+        cells = [r["step_s"], r.get("first_step_s"), p.get("generate"), r.get("decode_ms_per_token"),
+                 p.get("reference forward"), p.get("policy forward + backward"), p.get("optimizer"),
+                 r.get("tokens_per_s"), r.get("peak_allocated_gib"), r.get("peak_reserved_gib")]
         print(f"| {role} | " + " | ".join("-" if c is None else f"{c:.2f}" if c < 100 else f"{c:.0f}"
                                           for c in cells) + " |")
+    if "hardware" in report:
+        hw = report["hardware"]
+        print(f"measured: copy bandwidth {hw['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, fp32 matmul "
+              f"{hw['fp32_flops_per_s'] / 1e12:.1f} TFLOP/s")
     for ratio, value in report["ratios"].items():
         print(f"{ratio}: {value:.2f}")
     if env["device"] == "cpu":
@@ -236,8 +297,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.role:  # inside a child process
         torch.manual_seed(0)
         cap_memory(args.memory_gib)
-        precision = args.role.split()[-1]
-        result = run_trl(args) if args.role.startswith("TRL") else run_qmath(args, precision)
+        _, precision, *backend = args.role.split()
+        result = run_trl(args) if args.role.startswith("TRL") else run_qmath(args, precision, *backend)
         Path(args.out).write_text(json.dumps(result))
         return result
 
@@ -253,12 +314,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for role in args.only:
         report["runs"][role] = child(role, args)
         print(f"{role}: {json.dumps(report['runs'][role])}", flush=True)
+        if os.environ.get("OUT"):  # what is done so far survives a time limit
+            Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(report, indent=1))
     runs = report["runs"]
-    step = {role: r["step_s"] for role, r in runs.items() if "error" not in r}
-    for name, (a, b) in {"qmath / TRL step time (32-true)": ("qmath 32-true", "TRL 32-true"),
-                         "16-mixed / 32-true step time": ("qmath 16-mixed", "qmath 32-true")}.items():
+    ok = {role: r for role, r in runs.items() if "error" not in r}
+    step = {role: r["step_s"] for role, r in ok.items()}
+    for name, (a, b) in {"qmath (eager) / TRL step time": ("qmath 32-true eager", "TRL 32-true"),
+                         "qmath (compiled) / TRL step time": ("qmath 32-true compiled", "TRL 32-true"),
+                         "compiled / eager step time": ("qmath 32-true compiled", "qmath 32-true eager"),
+                         "16-mixed / 32-true step time (compiled)": ("qmath 16-mixed compiled",
+                                                                     "qmath 32-true compiled")}.items():
         if a in step and b in step:
             report["ratios"][name] = step[a] / step[b]
+    if {"qmath 32-true eager", "qmath 32-true compiled"} <= ok.keys():
+        eager, compiled = ok["qmath 32-true eager"], ok["qmath 32-true compiled"]
+        compile_s = compiled["first_step_s"] - compiled["step_s"] - (eager["first_step_s"] - eager["step_s"])
+        report["compile_s"] = compile_s
+        if eager["step_s"] > compiled["step_s"]:  # the step at which the compiled run's total time is lower
+            report["ratios"]["compiled run overtakes eager after steps"] = 1 + compile_s / (eager["step_s"]
+                                                                                           - compiled["step_s"])
+    measured = next((r for r in ok.values() if "parameters" in r), None)
+    if measured:
+        report["hardware"] = hardware()
+        report["floor"] = floors(measured, report["hardware"])
+        for role, r in ok.items():
+            if "decode_ms_per_token" in r:
+                report["ratios"][f"{role}: decode / bandwidth floor"] = (
+                    r["decode_ms_per_token"] / (1000 * report["floor"]["generate"] / r["completion_length"]))
     print_table(report)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(report, indent=1))

@@ -160,6 +160,8 @@ def install(probe: Probe, logits: str) -> dict[str, Any]:
             probe.marks["optimizer states"] = nbytes(v for s in optimizer.state.values() for v in s.values()
                                                      if isinstance(v, torch.Tensor))
             probe.marks["weights"] = nbytes(pl_module.parameters())
+            probe.marks["parameters"] = sum(p.numel() for p in pl_module.parameters())
+            probe.marks["head parameters"] = pl_module.policy.get_output_embeddings().weight.numel()
             probe.marks["reference"] = nbytes(pl_module.reference.parameters()) if pl_module.reference else 0
 
     seen["callback"] = Hooks()
@@ -298,7 +300,9 @@ def report(args: argparse.Namespace, device: torch.device, probe: Probe, seen: d
         "unattributed_at_step_start": (base - libraries - static) / GiB if device.type == "cpu" else 0.0,
         "policy_forward_increase": (head["peak"] - base) / GiB,
         "peak_phase": peak_phase, "peak": peak / GiB, "estimated_t4_process_peak": estimate,
-        "static": static / GiB, "phases": phases, "step_seconds": marks["step seconds"], "history": probe.history,
+        "parameters": marks["parameters"], "head_parameters": marks["head parameters"], "static": static / GiB,
+        "phases": phases,
+        "step_seconds": marks["step seconds"], "history": probe.history,
         "peak_reserved": max(p.get("reserved", 0) for p in phases.values()) / GiB,
         "loss_seconds": phases["policy forward"]["seconds"] + phases["backward"]["seconds"]
         + phases["reference forward"]["seconds"],

@@ -4,7 +4,9 @@ is the file to change."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -44,3 +46,17 @@ def is_activation_checkpointing(model: Any) -> bool:
     if checkpointing is None:
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
     return bool(checkpointing)
+
+
+@contextlib.contextmanager
+def without_input_require_grads(model: Any) -> Iterator[None]:
+    """Without the forward hook that activation checkpointing puts on the input embeddings (it calls
+    ``requires_grad_`` on their output, which a full-graph ``torch.compile`` cannot trace), put back afterwards."""
+    hooked = bool(getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None))
+    if hooked:
+        model.disable_input_require_grads()
+    try:
+        yield
+    finally:
+        if hooked:
+            model.enable_input_require_grads()

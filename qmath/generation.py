@@ -10,15 +10,18 @@ filled from the model's, so qmath both passes a full config and strips the model
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import math
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig
+from transformers import CompileConfig, GenerationConfig
 
-from qmath.compat import cache_argument, repeated_cache
+from qmath.compat import cache_argument, repeated_cache, without_input_require_grads
 from qmath.grpo import completion_mask
 from qmath.rollout import Rollout
 
@@ -34,6 +37,8 @@ HARMLESS = {"use_cache", "cache_implementation", "cache_config", "compile_config
             "prefill_chunk_size"}
 
 ROLLOUT, PROMPTS, MAJ_K = 0, 1, 2  # what a seeded draw is for: see seed_for
+Backend = Literal["eager", "compiled", "auto"]
+PROMPT_BUCKET = 64  # compiled decoding pads prompts on the left to a multiple of this, so that few shapes compile
 
 
 def check_generation_kwargs(generation_kwargs: dict[str, Any] | None) -> list[str]:
@@ -90,13 +95,19 @@ def seed_for(step: int, rank: int, round_: int = 0, stream: int = ROLLOUT) -> in
 class Sampler:
     """Completions of a causal LM, greedy or sampled from ``softmax(logits / temperature)``: what the loss scores.
 
-    Rows of ``input_ids`` that come in runs of ``group`` copies of one prompt have that prompt prefilled once per run
-    (its KV cache repeated), with the same completions as without. Dropout is off while sampling.
+    ``backend``: ``eager`` decodes with transformers' dynamic KV cache; rows of ``input_ids`` that come in runs of
+    ``group`` copies of one prompt have that prompt prefilled once per run (its KV cache repeated), with the same
+    completions as without. ``compiled`` decodes with a static (pre-allocated) KV cache and a ``torch.compile``d
+    decoding step (CUDA graphs on a GPU); prompts are left-padded to a multiple of 64 tokens so that a run compiles
+    a few shapes, not one per step, and each prompt is prefilled for each of its copies. ``auto``: compiled on CUDA,
+    eager elsewhere (on CPU the decode loop's overhead is not what compiling removes). Dropout is off while
+    sampling.
     """
 
     def __init__(self, model: Any, tokenizer: Any, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int | None = None, generation_kwargs: dict[str, Any] | None = None) -> None:
-        self.model, self.tokenizer = model, tokenizer
+                 top_k: int | None = None, generation_kwargs: dict[str, Any] | None = None,
+                 backend: Backend = "eager") -> None:
+        self.model, self.tokenizer, self.backend = model, tokenizer, backend
         ids = model.generation_config.eos_token_id
         self.eos_ids = [ids] if isinstance(ids, int) else list(ids or [])
         if tokenizer.eos_token_id not in self.eos_ids:
@@ -106,22 +117,37 @@ class Sampler:
         self.greedy_config = generation_config(**options, greedy=True)
         self.sampling_config = generation_config(**options, greedy=False, temperature=temperature, top_p=top_p,
                                                  top_k=top_k, generation_kwargs=generation_kwargs)
+        self._static: dict[tuple[bool, str], GenerationConfig] = {}  # their compiled-backend copies, per device
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, greedy: bool = False,
                  group: int = 1) -> tuple[Tensor, Tensor, Tensor]:
         """Completion ids, their mask (through the first EOS) and which completions ended with an EOS."""
+        config, device = self.greedy_config if greedy else self.sampling_config, input_ids.device
+        context = contextlib.nullcontext()
+        if self.compiled(device):
+            input_ids, attention_mask = pad_to_bucket(input_ids, attention_mask, self.tokenizer.pad_token_id)
+            config, prefill = self._static.setdefault((greedy, device.type), _static(config, device)), {}
+            # The static cache is allocated in the weights' dtype, so decode without autocast (16-mixed, bf16-mixed:
+            # fp32 weights; decoding is bound by launches and bandwidth, not by matmul precision).
+            context = torch.autocast(device.type, enabled=False)
+        else:
+            prefill = shared_prefill(self.model, input_ids, attention_mask, group)
         was_training = self.model.training
         self.model.eval()
         try:
-            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                      generation_config=self.greedy_config if greedy else self.sampling_config,
-                                      **shared_prefill(self.model, input_ids, attention_mask, group))
+            with context, without_input_require_grads(self.model):
+                out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                          generation_config=config, **prefill)
         finally:
             self.model.train(was_training)
         completion_ids = out[:, input_ids.size(1):]
         mask, terminated = completion_mask(completion_ids, self.eos_ids)
         return completion_ids, mask, terminated
+
+    def compiled(self, device: torch.device) -> bool:
+        """Whether generation on ``device`` runs compiled (see ``backend``)."""
+        return self.backend == "compiled" or (self.backend == "auto" and device.type == "cuda")
 
     def generate_seeded(self, input_ids: Tensor, attention_mask: Tensor, seed: int,
                         group: int = 1) -> tuple[Tensor, Tensor, Tensor]:
@@ -159,6 +185,34 @@ class Sampler:
                                                        group=samples)
         prefixes = [p for p in prefixes for _ in range(samples)] if prefixes else None
         return self.decode(completion_ids, mask, prefixes), mask.sum(dim=1)
+
+
+def pad_to_bucket(input_ids: Tensor, attention_mask: Tensor, pad_id: int,
+                  bucket: int = PROMPT_BUCKET) -> tuple[Tensor, Tensor]:
+    """Prompts left-padded to the next multiple of ``bucket`` tokens (positions come from the mask, so the model
+    sees the same sequence).
+
+    >>> ids, mask = pad_to_bucket(torch.tensor([[5, 6, 7]]), torch.tensor([[1, 1, 1]]), 0, bucket=4)
+    >>> ids.tolist(), mask.tolist()
+    ([[0, 5, 6, 7]], [[0, 1, 1, 1]])
+    """
+    extra = math.ceil(input_ids.size(1) / bucket) * bucket - input_ids.size(1)
+    if not extra:
+        return input_ids, attention_mask
+    pad = torch.nn.functional.pad
+    return pad(input_ids, (extra, 0), value=pad_id), pad(attention_mask, (extra, 0), value=0)
+
+
+def _static(config: GenerationConfig, device: torch.device) -> GenerationConfig:
+    """``config`` with a static KV cache and a compiled decoding step (transformers compiles it by itself on CUDA,
+    and on any device when told to)."""
+    compile_config = CompileConfig(fullgraph=True, dynamic=False)
+    if device.type != "cuda":
+        compile_config._compile_all_devices = True  # transformers' switch for compiling off CUDA (private)
+        compile_config.mode = "default"  # reduce-overhead means CUDA graphs
+    static = copy.deepcopy(config)
+    static.cache_implementation, static.compile_config, static.disable_compile = "static", compile_config, False
+    return static
 
 
 def grouped(prompt_ids: Tensor, g: int) -> bool:

@@ -45,7 +45,7 @@ from qmath.checkpointing import (
 )
 from qmath.compat import enable_activation_checkpointing
 from qmath.evaluation import Answer, grade_batch
-from qmath.generation import MAJ_K, PROMPTS, Sampler, check_generation_kwargs, ids_only, seed_for
+from qmath.generation import MAJ_K, PROMPTS, Backend, Sampler, check_generation_kwargs, ids_only, seed_for
 from qmath.grpo import LossType, ScaleRewards, dapo_num_items, group_advantages, grpo_loss
 from qmath.logprobs import head_is_linear, token_logps
 from qmath.metrics import GRADES, grade
@@ -77,6 +77,10 @@ class GRPO(LightningModule):
         temperature: sampling temperature for rollouts.
         top_p: nucleus sampling threshold for rollouts (1.0: off).
         top_k: top-k sampling for rollouts (``None``: off).
+        generation_backend: how ``generate`` decodes: ``eager`` (a dynamic KV cache, each prompt prefilled once for
+            its G copies), ``compiled`` (a static KV cache and a ``torch.compile``d decoding step, CUDA graphs on a
+            GPU; the first steps pay the compilation), or ``auto``: compiled on CUDA, eager on CPU, where compiling
+            was measured not to pay.
         generation_kwargs: further ``generate`` arguments for rollouts, as TRL's option of that name, e.g.
             ``{min_new_tokens: 96}``. Nothing else of the model's own ``generation_config.json`` applies (Qwen2.5's
             ``repetition_penalty: 1.1`` would make the sampled distribution differ from the one the loss scores);
@@ -121,6 +125,7 @@ class GRPO(LightningModule):
         temperature: float = 0.5,
         top_p: float = 1.0,
         top_k: int | None = None,
+        generation_backend: Backend = "auto",
         generation_kwargs: dict[str, Any] | None = None,
         beta: float = 0.04,
         epsilon: float = 0.2,
@@ -191,7 +196,7 @@ class GRPO(LightningModule):
         if hp.gradient_checkpointing:
             enable_activation_checkpointing(self.policy)
         self.sampler = Sampler(self.policy, self.tokenizer, hp.max_completion_length, hp.temperature, hp.top_p,
-                               hp.top_k, hp.generation_kwargs)
+                               hp.top_k, hp.generation_kwargs, hp.generation_backend)
         self._linear_heads[id(self.policy)] = head_is_linear(self.policy)
         self._base = base_identity(hp.model_name_or_path, self.tokenizer)  # what a checkpoint's weights only fit
 

@@ -84,7 +84,7 @@ def test_vs_trl_times_qmath_and_the_floor_on_the_tiny_model(tiny_model, tmp_path
 def test_gpu_check_runs_its_tiny_mode_on_cpu(tiny_model, tmp_path, monkeypatch):
     from benchmarks import gpu_check
 
-    only = ["qmath 32-true", "qmath 16-mixed"]
+    only = ["qmath 32-true eager", "qmath 32-true compiled"]
     try:
         import trl  # noqa: F401 - an optional extra (vs-trl); without it the TRL run is not made
         only.append("TRL 32-true")
@@ -101,5 +101,8 @@ def test_gpu_check_runs_its_tiny_mode_on_cpu(tiny_model, tmp_path, monkeypatch):
         assert set(run["phases"]) == {"generate", "reference forward", "policy forward + backward", "optimizer"}
         assert 0 < sum(run["phases"].values()) <= run["step_s"] * 1.01  # the phases are parts of the step
         assert run["tokens_per_s"] == pytest.approx(8 * 16 / run["phases"]["generate"])
-    assert report["ratios"]["16-mixed / 32-true step time"] > 0
+    assert report["ratios"]["compiled / eager step time"] > 0 and report["compile_s"] > 0  # compiling takes time
+    assert set(report["floor"]) == set(runs["qmath 32-true eager"]["phases"]) and all(report["floor"].values())
+    run = runs["qmath 32-true eager"]  # Qwen's vocabulary on a 64-wide model: the head is nearly all of it
+    assert 0.9 * run["parameters"] < run["head_parameters"] == 151_936 * 64 < run["parameters"]
     assert json.loads((tmp_path / "gpu_check.json").read_text())["runs"].keys() == set(only)

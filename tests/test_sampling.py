@@ -87,3 +87,31 @@ def test_every_seeded_draw_follows_the_global_seed(tiny_model, monkeypatch):
     # dynamic sampling's extra prompts: the same under the same seed, others under another
     draws = [data.draw(8, s)["question"] for s in (seeds["0"][1], seeds["0"][1], seeds["1"][1])]
     assert draws[0] == draws[1] != draws[2]
+
+
+def test_compiled_decoding_samples_as_eager_does_and_compiles_once_for_every_prompt_length(qwen_like):
+    """The compiled backend (static KV cache, torch.compile'd decoding step; CUDA graphs on a GPU) on CPU."""
+    import torch._dynamo.utils
+
+    from qmath.compat import enable_activation_checkpointing
+    from qmath.generation import Sampler
+
+    module = GRPO(model_name_or_path=str(qwen_like), max_completion_length=12, temperature=0.8, num_generations=4)
+    module.configure_model()
+    eager, tokenizer = module.sampler, module.tokenizer
+    compiled = Sampler(module.policy, tokenizer, 12, temperature=0.8, backend="compiled")
+    assert not eager.compiled(torch.device("cpu")) and compiled.compiled(torch.device("cpu"))  # auto: eager on CPU
+    batches = [["Tom has 3 boxes.", "A baker sells 24 muffins?"], ["How many pens are left over now?", "Hi"],
+               ["What is 2 + 2?", "Seven cats and dogs."], ["One", "Two apples and three pears, how many?"]]
+    enable_activation_checkpointing(module.policy)  # as t4x2.yaml: its input hook must not break the graph
+    graphs = []
+    for i, questions in enumerate(batches):  # prompts of 13 to 19 tokens: one bucket of 64, one compiled graph
+        encoded = tokenizer(questions, return_tensors="pt", padding=True)
+        ids, mask = encoded.input_ids.repeat_interleave(4, 0), encoded.attention_mask.repeat_interleave(4, 0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=i == 1):  # as under bf16-mixed, once
+            greedy = compiled.generate(ids, mask, greedy=True, group=4)[0]
+        assert torch.equal(eager.generate(ids, mask, greedy=True, group=4)[0], greedy)
+        sampled = [s.generate_seeded(ids, mask, seed=3, group=4)[0] for s in (eager, compiled)]
+        assert torch.equal(*sampled)  # the same draws from the same logits
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1 and graphs == [graphs[0]] * 4  # compiled at the first batch, never again
