@@ -37,11 +37,12 @@ CURVES = [("rewards/" + n + "/mean", n) for n in MAX_SCORE]
 GRADED = {"strict": "correct", "lenient": "correct_lenient", "format": "format"}
 
 
-def evaluate(num_val: int, options: list[str], ckpt: str | None = None) -> list[dict]:
+def evaluate(num_val: int, options: list[str], workdir: Path, ckpt: str | None = None) -> list[dict]:
     """Greedy answers on the held-out problems, one record per problem: question, and strict, lenient, format."""
     from qmath.__main__ import main
 
     args = ["validate", "--data.num_val", str(num_val), "--trainer.logger", "false",
+            "--trainer.default_root_dir", str(workdir),  # where LightningCLI saves its config.yaml
             "--trainer.enable_progress_bar", "false", *options]
     if ckpt:
         args += ["--ckpt_path", ckpt]
@@ -176,7 +177,7 @@ def run(args: argparse.Namespace, workdir: Path, run_dir: Path, png: Path) -> di
         before = json.loads(cache.read_text())
     else:
         start = time.time()
-        before = evaluate(args.num_val, eval_options)
+        before = evaluate(args.num_val, eval_options, workdir)
         cache.write_text(json.dumps(before))
         print(f"before: evaluated {len(before)} problems in {time.time() - start:.0f} s", flush=True)
 
@@ -188,7 +189,7 @@ def run(args: argparse.Namespace, workdir: Path, run_dir: Path, png: Path) -> di
     fit_seconds = time.time() - start
     log_dir = str(Path(cli.trainer.logger.log_dir).resolve())
     ckpt = str(Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt")
-    after = evaluate(args.num_val, eval_options, ckpt)
+    after = evaluate(args.num_val, eval_options, workdir, ckpt)
 
     scalars = read_scalars(log_dir)
     steps = len(scalars["reward"])

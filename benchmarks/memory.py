@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fit = ["fit", "--config", "t4x2", "--model.model_name_or_path", str(model), "--data.path", str(data),
            "--data.num_workers", "0", "--trainer.accelerator", device.type, "--trainer.devices", "1",
            "--trainer.strategy", "auto", "--trainer.max_steps", str(args.steps), "--trainer.logger", "false",
+           "--trainer.default_root_dir", str(workdir),
            "--trainer.callbacks=[]", "--trainer.enable_checkpointing", "false", "--trainer.limit_val_batches", "0",
            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
     if device.type == "cpu":

@@ -36,6 +36,7 @@ from lightning import Callback
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS_PER_STEP, G, BETA, LR, TEMPERATURE = 2, 4, 0.04, 1e-5, 0.5
+ROLES = ["qmath", "qmath-compiled", "trl", "floor"]
 
 
 def write_prompts(path: Path, model: str, rows: int = 64) -> list[dict[str, str]]:
@@ -64,7 +65,7 @@ class StepTimer(Callback):
         StepTimer.times.append(time.perf_counter() - self.start)
 
 
-def run_qmath(args: argparse.Namespace, prompts: list[dict[str, str]]) -> list[float]:
+def run_qmath(args: argparse.Namespace, prompts: list[dict[str, str]], backend: str = "eager") -> list[float]:
     """``python -m qmath fit`` on the embedded default's config, with only the benchmark's settings changed."""
     import yaml
 
@@ -75,12 +76,13 @@ def run_qmath(args: argparse.Namespace, prompts: list[dict[str, str]]) -> list[f
                                                  + "\n" for p in prompts))
     config = {
         "trainer": {"max_steps": args.steps, "logger": False, "enable_checkpointing": False,
+                    "default_root_dir": str(work),  # where LightningCLI saves its config.yaml
                     "callbacks": [{"class_path": "benchmarks.vs_trl.StepTimer"}], "limit_val_batches": 0,
                     "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False},
         "model": {"model_name_or_path": args.model, "num_generations": G, "max_completion_length": args.length,
                   "generation_kwargs": {"min_new_tokens": args.length}, "temperature": TEMPERATURE, "beta": BETA,
                   "loss_type": "grpo", "scale_rewards": "group", "num_iterations": 1,
-                  "gradient_checkpointing": False,
+                  "gradient_checkpointing": False, "generation_backend": backend,
                   "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": LR}}},
         "data": {"path": str(work / "problems.jsonl"), "batch_size": PROMPTS_PER_STEP, "max_prompt_length": 4096},
     }
@@ -178,7 +180,13 @@ def run_floor(args: argparse.Namespace, prompts: list[dict[str, str]]) -> dict[s
         timed("reference forward", reference_forward, ids, mask, width)
         timed("policy forward + backward", forward_backward, ids, mask, width)
         timed("AdamW step", adamw)
-    return parts
+    from benchmarks.floor import floors, hardware
+
+    lengths = enc["attention_mask"][::G].sum(dim=1).float().mean().item()
+    shape = {"parameters": sum(p.numel() for p in policy.parameters()),
+             "head_parameters": policy.get_output_embeddings().weight.numel(), "completions": PROMPTS_PER_STEP * G,
+             "prompts": PROMPTS_PER_STEP, "prompt_length": lengths, "completion_length": args.length}
+    return {"parts": parts, "hardware": floors(shape, hardware())}
 
 
 # -- the parent: runs each role in a process of its own ----------------------------------------------------------
@@ -207,9 +215,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per trainer; the first is a warm-up")
     parser.add_argument("--length", type=int, default=96, help="tokens per completion, forced")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for every run")
-    parser.add_argument("--only", nargs="+", choices=["qmath", "trl", "floor"], default=["qmath", "trl", "floor"])
+    parser.add_argument("--only", nargs="+", choices=ROLES, default=["qmath", "trl", "floor"],
+                        help="qmath-compiled: generation_backend compiled (on CPU it compiles for a minute or more)")
     parser.add_argument("--workdir", default=None, help="where prompts and results go (default: a temp dir)")
-    parser.add_argument("--role", choices=["qmath", "trl", "floor"], help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=ROLES, help=argparse.SUPPRESS)
     parser.add_argument("--prompts", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -220,7 +229,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
         torch.manual_seed(0)
         prompts = json.loads(Path(args.prompts).read_text())
-        result = {"qmath": run_qmath, "trl": run_trl, "floor": run_floor}[args.role](args, prompts)
+        result = {"qmath": run_qmath, "qmath-compiled": lambda a, p: run_qmath(a, p, "compiled"), "trl": run_trl,
+                  "floor": run_floor}[args.role](args, prompts)
         Path(args.out).write_text(json.dumps(result))
         return {}
 
@@ -232,8 +242,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for role in args.only:
         result, rss = child(role, args, prompts_file)
         if role == "floor":
-            parts = {k: median_after_warmup(v) for k, v in result.items()}
+            parts = {k: median_after_warmup(v) for k, v in result["parts"].items()}
             report["floor"] = {"parts": parts, "total": sum(parts.values()), "peak_rss_gib": rss}
+            report["hardware_floor"] = {"parts": result["hardware"], "total": sum(result["hardware"].values())}
         else:
             report[role] = {"step_s": median_after_warmup(result), "all_steps_s": result, "peak_rss_gib": rss}
     print_report(report)
@@ -244,7 +255,7 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"\nGRPO step, {PROMPTS_PER_STEP} prompts x G={G}, {report['length']} tokens each, fp32, "
           f"{report['threads']} threads, median of steps 2..{report['steps']}:")
     print(f"{'':<28}{'step (s)':>10}{'peak RSS (GiB)':>16}")
-    for role in ("qmath", "trl"):
+    for role in ("qmath", "qmath-compiled", "trl"):
         if role in report:
             r = report[role]
             print(f"{role:<28}{r['step_s']:>10.2f}{r['peak_rss_gib']:>16.2f}")
@@ -257,9 +268,22 @@ def print_report(report: dict[str, Any]) -> None:
         report["qmath_over_trl"] = report["qmath"]["step_s"] / report["trl"]["step_s"]
         print(f"qmath / TRL step time: {report['qmath_over_trl']:.2f} (target <= 0.6); peak RSS qmath / TRL: "
               f"{report['qmath']['peak_rss_gib'] / report['trl']['peak_rss_gib']:.2f} (target <= 1)")
+    if "hardware_floor" in report:
+        h = report["hardware_floor"]
+        print(f"{'hardware floor (sum)':<28}{h['total']:>10.2f}")
+        for name, seconds in h["parts"].items():
+            print(f"  {name:<26}{seconds:>10.2f}")
     if "qmath" in report and "floor" in report:
         report["qmath_over_floor"] = report["qmath"]["step_s"] / report["floor"]["total"]
         print(f"qmath / floor: {report['qmath_over_floor']:.2f} (target <= 1.05)")
+    for role in ("qmath", "qmath-compiled"):
+        if role in report and "hardware_floor" in report:
+            report[f"{role}_over_hardware_floor"] = report[role]["step_s"] / report["hardware_floor"]["total"]
+            print(f"{role} / hardware floor: {report[f'{role}_over_hardware_floor']:.2f} (target <= 1.6)")
+        if role in report and "trl" in report:
+            report[f"{role}_over_trl"] = report[role]["step_s"] / report["trl"]["step_s"]
+            if role != "qmath":
+                print(f"{role} / TRL step time: {report[f'{role}_over_trl']:.2f}")
 
 
 if __name__ == "__main__":

@@ -76,6 +76,9 @@ def test_vs_trl_times_qmath_and_the_floor_on_the_tiny_model(tiny_model, tmp_path
     assert set(report["floor"]["parts"]) == {"generate", "reference forward", "policy forward + backward",
                                              "AdamW step"}
     assert report["qmath_over_floor"] == report["qmath"]["step_s"] / report["floor"]["total"]
+    assert set(report["hardware_floor"]["parts"]) == {"generate", "reference forward", "policy forward + backward",
+                                                      "optimizer"}
+    assert 0 < report["hardware_floor"]["total"] < report["floor"]["total"]  # no run beats the device's limits
     assert all(report[r]["peak_rss_gib"] > 0.1 for r in only if r != "floor")
     if "trl" in only:
         assert len(report["trl"]["all_steps_s"]) == 3 and report["qmath_over_trl"] > 0
