@@ -9,6 +9,11 @@ from typing import Any
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+
+# Private Lightning APIs (tests/test_private_apis.py fails if one disappears; then use what replaced it):
+# _convert_params/_flatten_dict and TensorBoardLogger._sanitize_params turn hparams into what TensorBoard's HParams
+# plugin accepts, exactly as Lightning's own log_hyperparams does; _SubprocessScriptLauncher.procs and
+# _get_sigkill_signal are how Lightning's launcher holds and kills the ranks it started.
 from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -128,7 +133,7 @@ class RunSummary(Callback):
             lines.append(f"  logs         {logs} (tensorboard --logdir {board})")
         checkpoint = trainer.checkpoint_callback
         if stage == "fit" and isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath:
-            every = checkpoint._every_n_train_steps
+            every = checkpoint._every_n_train_steps  # private; only the summary line reads it
             lines.append(f"  checkpoints  {checkpoint.dirpath}" + (f" (last.ckpt every {every} steps; resume with "
                                                                    "--ckpt_path last)" if every else ""))
         writer = next((c for c in trainer.callbacks if isinstance(c, WritePredictions)), None)
@@ -168,7 +173,9 @@ class TensorBoardLayout(Callback):
         # NaN placeholders: the HParams tab reads each metric's latest scalar from the run, i.e. its final value
         summaries = hparams(params, {m: float("nan") for m in metrics})
         for logger in loggers:
-            # Lightning would write a second HParams entry with an `hp_metric` of -1; TensorBoard shows the first
+            # Lightning would write a second HParams entry with an `hp_metric` of -1; TensorBoard shows the first.
+            # (Private: the logger's flag for that entry, and torch's SummaryWriter's file writer, which takes raw
+            # summaries. If either moves, the test of the HParams entry fails.)
             logger._default_hp_metric = False
             writer = logger.experiment._get_file_writer()
             for summary in summaries:

@@ -78,6 +78,8 @@ class QMathCLI(LightningCLI):
         use_atomic_checkpoints(trainer)
         return trainer
 
+    # Private LightningCLI hooks overridden here: if Lightning renames one, this override would silently stop
+    # running, so tests/test_private_apis.py checks that LightningCLI still has both.
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "predict":  # --predictions.path; the writer is added to the trainer's callbacks

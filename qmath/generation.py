@@ -213,7 +213,8 @@ def _static(config: GenerationConfig, device: torch.device) -> GenerationConfig:
     and on any device when told to)."""
     compile_config = CompileConfig(fullgraph=True, dynamic=False)
     if device.type != "cuda":
-        compile_config._compile_all_devices = True  # transformers' switch for compiling off CUDA (private)
+        # transformers' private switch for compiling off CUDA; if it goes, the compiled backend's CPU test fails
+        compile_config._compile_all_devices = True
         compile_config.mode = "default"  # reduce-overhead means CUDA graphs
     static = copy.deepcopy(config)
     static.cache_implementation, static.compile_config, static.disable_compile = "static", compile_config, False

@@ -103,7 +103,8 @@ class Rows:
         if invalid:
             listing = "\n  ".join(invalid[:10]) + (f"\n  ... and {len(invalid) - 10} more" if len(invalid) > 10 else "")
             if self.strict or not kept:
-                what = "none is usable" if not kept else f"{len(invalid)} are invalid"
+                verb = "is" if len(invalid) == 1 else "are"
+                what = "none is usable" if not kept else f"{len(invalid)} {verb} invalid"
                 raise DataError(f"{source}: of its {len(rows)} rows, {what}:\n  {listing}\nFix or remove them"
                                 + (", or set data.strict: false to skip and count invalid rows" if kept else ""))
             log.warning("Skipped %d of %d rows of %s (data.strict is false):\n  %s", len(invalid), len(rows),

@@ -100,7 +100,7 @@ def test_each_bad_row_is_rejected_with_its_line_number_and_reason(tiny_model, tm
     path.write_text("\n".join(json.dumps(r) for r in good[:2]) + "\n\n" + json.dumps(row) + "\n"
                     + "\n".join(json.dumps(r) for r in good[2:]) + "\n")  # a blank line 3: the bad row is line 4
     data = GSM8K(path=str(path), tokenizer_name_or_path=str(tiny_model), num_few_shot=0)
-    with pytest.raises(DataError, match=re.escape(f"mine.jsonl: of its 5 rows, 1 are invalid:\n  line 4: {reason}")) \
+    with pytest.raises(DataError, match=re.escape(f"mine.jsonl: of its 5 rows, 1 is invalid:\n  line 4: {reason}")) \
             as error:
         data.setup("fit")
     assert "or set data.strict: false to skip and count invalid rows" in str(error.value)

@@ -1,0 +1,49 @@
+"""The private APIs of Lightning, torch and transformers that qmath relies on are still there.
+
+Each is used for a reason given where it is used. If one moves in a new release, qmath would fail at run time or,
+for an overridden hook, silently stop doing what it should; this test fails first, naming it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+FUNCTIONS = [
+    ("lightning.fabric.utilities.logger", "_convert_params"),
+    ("lightning.fabric.utilities.logger", "_flatten_dict"),
+    ("lightning.fabric.utilities.seed", "_collect_rng_states"),
+    ("lightning.fabric.utilities.seed", "_set_rng_states"),
+    ("lightning.pytorch.strategies.launchers.subprocess_script", "_SubprocessScriptLauncher"),
+    ("lightning.pytorch.trainer.connectors.signal_connector", "_get_sigkill_signal"),
+    ("torch", "_foreach_norm"),
+]
+
+
+@pytest.mark.parametrize(("module", "name"), FUNCTIONS, ids=[n for _, n in FUNCTIONS])
+def test_private_functions_exist(module, name):
+    assert hasattr(importlib.import_module(module), name), f"{module}.{name} is gone: see where qmath uses it"
+
+
+def test_private_hooks_qmath_overrides_still_exist_in_lightning():
+    from lightning.pytorch.cli import LightningCLI
+
+    from qmath.cli import QMathCLI
+
+    for hook in ("_prepare_subcommand_parser", "_parse_ckpt_path"):  # else QMathCLI's override never runs
+        assert callable(getattr(LightningCLI, hook, None)), f"LightningCLI.{hook} is gone; QMathCLI overrides it"
+        assert getattr(QMathCLI, hook) is not getattr(LightningCLI, hook)
+
+
+def test_private_attributes_exist(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from transformers import CompileConfig
+
+    assert hasattr(ModelCheckpoint(every_n_train_steps=5), "_every_n_train_steps")
+    assert callable(getattr(TensorBoardLogger, "_sanitize_params", None))
+    logger = TensorBoardLogger(tmp_path)
+    assert hasattr(logger, "_default_hp_metric")
+    assert callable(getattr(logger.experiment, "_get_file_writer", None))
+    assert hasattr(CompileConfig(), "_compile_all_devices")
