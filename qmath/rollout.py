@@ -73,7 +73,7 @@ class Rollout:
 
         def join(meta: Any, a: Any, b: Any) -> Any:
             if a is None or b is None or meta.get("shared"):
-                return a if b is None else b if a is None else a
+                return a if a is not None else b  # a step-wide value, or one not computed yet
             if isinstance(a, dict):
                 if a.keys() != b.keys():
                     raise ValueError(f"rollouts with different columns: {sorted(a)} and {sorted(b)}")
