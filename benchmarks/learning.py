@@ -30,7 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_SCORE = {"xmlcount": 0.5, "soft_format": 0.5, "strict_format": 0.5, "int": 0.5, "correctness": 2.0}
-CURVES = [("rewards/" + n + "/mean", n) for n in MAX_SCORE]
+CURVES = [("train/rewards/" + n + "/mean", n) for n in MAX_SCORE]
 
 
 # the report's names for the graded answers' fields (qmath.evaluation.Answer)
@@ -113,12 +113,12 @@ def plot(scalars: dict, heldout: dict, png: Path, title: str) -> None:
     axes[0].set_title("reward components ÷ their maximum\n(training samples, 5-step running mean)")
     axes[0].set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=8)
-    if "completions/mean_length" in scalars:
-        axes[1].plot(*zip(*scalars["completions/mean_length"]), alpha=0.3, color="C0")
-        axes[1].plot(*smooth(scalars["completions/mean_length"]), color="C0")
-    axes[1].set_title("completions/mean_length (tokens)")
-    if "kl" in scalars:
-        axes[2].plot(*zip(*scalars["kl"]), color="C3")
+    if "train/completions/mean_length" in scalars:
+        axes[1].plot(*zip(*scalars["train/completions/mean_length"]), alpha=0.3, color="C0")
+        axes[1].plot(*smooth(scalars["train/completions/mean_length"]), color="C0")
+    axes[1].set_title("train/completions/mean_length (tokens)")
+    if "train/kl" in scalars:
+        axes[2].plot(*zip(*scalars["train/kl"]), color="C3")
     axes[2].set_title("kl (to the reference model)")
     for ax in axes[:3]:
         ax.set_xlabel("optimizer step")
@@ -192,18 +192,18 @@ def run(args: argparse.Namespace, workdir: Path, run_dir: Path, png: Path) -> di
     after = evaluate(args.num_val, eval_options, workdir, ckpt)
 
     scalars = read_scalars(log_dir)
-    steps = len(scalars["reward"])
+    steps = len(scalars["train/reward"])
     report = {"seed": args.seed, "num_val": args.num_val, "fit_options": args.fit_options, "steps": steps,
               "fit_seconds": round(fit_seconds), "log_dir": log_dir, "rewards": {}, "heldout": {}}
     print(f"\nseed {args.seed}: {steps} steps in {fit_seconds / 60:.1f} min ({fit_seconds / steps:.1f} s/step); "
           f"held-out: {args.num_val} synthetic problems, greedy")
-    print(f"{'reward component':<28}{'first 10 steps':>18}{'last 10 steps':>18}")
-    for tag in [t for t, _ in CURVES] + ["reward", "completions/mean_length"]:
+    print(f"{'reward component':<36}{'first 10 steps':>18}{'last 10 steps':>18}")
+    for tag in [t for t, _ in CURVES] + ["train/reward", "train/completions/mean_length"]:
         values = [v for _, v in scalars.get(tag, [])]
         if len(values) >= 2:
             first, last = mean_se(values[:10]), mean_se(values[-10:])
             report["rewards"][tag] = {"first10": first, "last10": last}
-            print(f"{tag:<28}{first[0]:>10.3f} ± {first[1]:.3f}{last[0]:>10.3f} ± {last[1]:.3f}")
+            print(f"{tag:<36}{first[0]:>10.3f} ± {first[1]:.3f}{last[0]:>10.3f} ± {last[1]:.3f}")
     print(f"\n{'held-out':<28}{'before':>18}{'after':>18}{'change':>18}{'z':>6}")
     for key, label in [("format", "strict-format rate"), ("strict", "accuracy (strict)"),
                        ("lenient", "accuracy (lenient)")]:

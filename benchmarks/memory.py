@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py                  # log-probs from hidden states in chunks (what qmath does)
     python benchmarks/memory.py --logits full    # the same step through full [B, T, V] logits, for comparison
+    python benchmarks/memory.py --prompt-sharing off  # each of the G copies of a prompt runs forward and backward
 
 Builds the Qwen2.5-0.5B-Instruct architecture from its config with random weights (no hub; the tokenizer is the
 embedded SmolLM2's, whose ids all lie inside Qwen's vocabulary: only token counts matter here), writes a prompt
@@ -108,15 +109,19 @@ def nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def install(probe: Probe, logits: str) -> dict[str, Any]:
+def install(probe: Probe, logits: str, prompt_sharing: bool = True) -> dict[str, Any]:
     """Wrap the module's rollout and log-prob methods and add hooks around backward and the optimizer step."""
     from lightning import Callback
 
+    import qmath.logprobs
     from qmath.generation import Sampler
     from qmath.module import GRPO
 
     seen: dict[str, Any] = {}
     generate, token_logps = Sampler.generate, GRPO.token_logps
+    share = qmath.logprobs.groups_share_prompts
+    if not prompt_sharing:
+        qmath.logprobs.groups_share_prompts = lambda *args: False
 
     def timed_generate(self, *args, **kwargs):
         with probe.phase("rollout (generate)"):
@@ -133,7 +138,8 @@ def install(probe: Probe, logits: str) -> dict[str, Any]:
             return token_logps(self, model, rollout)
 
     Sampler.generate, GRPO.token_logps = timed_generate, timed_logps
-    seen["restore"] = lambda: setattr(Sampler, "generate", generate) or setattr(GRPO, "token_logps", token_logps)
+    seen["restore"] = lambda: (setattr(Sampler, "generate", generate), setattr(GRPO, "token_logps", token_logps),
+                               setattr(qmath.logprobs, "groups_share_prompts", share))
 
     class Hooks(Callback):
         def on_train_batch_start(self, trainer, pl_module, *args) -> None:
@@ -225,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--logits", choices=["chunked", "full"], default="chunked",
                         help="chunked: log-probs from hidden states, 512 tokens at a time (qmath); full: [B, T, V]")
+    parser.add_argument("--prompt-sharing", choices=["on", "off"], default="on",
+                        help="on: each prompt runs once for its group in the log-prob passes (qmath); off: G times")
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps; the last one is measured")
     parser.add_argument("--prompt-length", type=int, default=256, help="tokens per prompt (t4x2: up to 256)")
     parser.add_argument("--workdir", default=None, help="model and data cache (default: qmath's cache dir)")
@@ -247,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = write_prompts(workdir / f"prompts-{args.prompt_length}.jsonl", model, args.prompt_length)
 
     probe = Probe(meter)
-    seen = install(probe, args.logits)
+    seen = install(probe, args.logits, args.prompt_sharing == "on")
     fit = ["fit", "--config", "t4x2", "--model.model_name_or_path", str(model), "--data.path", str(data),
            "--data.num_workers", "0", "--trainer.accelerator", device.type, "--trainer.devices", "1",
            "--trainer.strategy", "auto", "--trainer.max_steps", str(args.steps), "--trainer.logger", "false",
@@ -292,6 +300,7 @@ def report(args: argparse.Namespace, device: torch.device, probe: Probe, seen: d
     lengths = seen["completion_lengths"]
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "logits": args.logits,
+        "prompt_sharing": args.prompt_sharing,
         "prompt_length": seen["prompt_length"], "completions": len(lengths),
         "completion_length_mean": sum(lengths) / len(lengths),
         "weights": marks["weights"] / GiB, "reference": marks["reference"] / GiB,
@@ -308,7 +317,8 @@ def report(args: argparse.Namespace, device: torch.device, probe: Probe, seen: d
         "loss_seconds": phases["policy forward"]["seconds"] + phases["backward"]["seconds"]
         + phases["reference forward"]["seconds"],
     }
-    print(f"\nqmath memory benchmark: {result['device']}, logits={args.logits}, {len(lengths)} completions x "
+    print(f"\nqmath memory benchmark: {result['device']}, logits={args.logits}, prompt sharing "
+          f"{args.prompt_sharing}, {len(lengths)} completions x "
           f"({result['prompt_length']} prompt + {result['completion_length_mean']:.0f} completion) tokens")
     print("| component | GiB |\n|---|---:|")
     rows = [("weights (policy, fp32)", result["weights"]), ("reference model (fp32)", result["reference"]),

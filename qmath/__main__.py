@@ -11,10 +11,11 @@ from pathlib import Path
 from lightning.pytorch.cli import ArgsType
 
 from qmath import export
-from qmath.callbacks import EndAllRanksOnException, RunSummary, TensorBoardLayout
+from qmath.callbacks import EndAllRanksOnException, RunSummary, StatusLines, TensorBoardLayout
 from qmath.checkpointing import CheckpointOnSignal
 from qmath.cli import QMathCLI, resolve_args
 from qmath.data import GSM8K
+from qmath.errors import reported
 from qmath.module import GRPO
 
 
@@ -34,11 +35,17 @@ def main(args: ArgsType = None) -> QMathCLI | Path:
         seed_everything_default=0,
         trainer_defaults={"precision": "32-true", "log_every_n_steps": 1,
                           "callbacks": [CheckpointOnSignal(), EndAllRanksOnException(), RunSummary(),
-                                        TensorBoardLayout()]},
+                                        TensorBoardLayout(), StatusLines()]},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
 
 
+def cli(args: ArgsType = None) -> None:
+    """The ``qmath`` command and ``python -m qmath``: :func:`main`, with a user's mistake said in one line."""
+    with reported():
+        main(args)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

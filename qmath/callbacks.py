@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +145,61 @@ class RunSummary(Callback):
         return lines
 
 
+class StatusLines(Callback):
+    """When standard output is not a terminal (a log file, a notebook's background job), print one status line
+    every ``trainer.log_every_n_steps`` optimizer steps, as HF's Trainer prints its log lines, and one after each
+    validation; the progress bar only draws on a terminal. Rank 0 only. Added to every run by ``python -m qmath``.
+
+    ``qmath: step 20/400 | reward 1.234 | accuracy 0.250 | kl 0.0012 | 21.3 s/step | ETA 2:15:00``
+    (``accuracy``: the sampled completions' strict accuracy; s/step: the mean of the last 10 steps).
+    """
+
+    SHOWN = (("train/reward", "reward", "{:.3f}"), ("train/accuracy", "accuracy", "{:.3f}"),
+             ("train/kl", "kl", "{:.4f}"), ("train/completions/mean_length", "length", "{:.0f}"))
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream  # default: sys.stdout at the time of printing
+        self._times: list[float] = []
+        self._step = -1
+
+    def _enabled(self, trainer: Trainer) -> bool:
+        stream = self.stream or sys.stdout
+        return trainer.is_global_zero and not (hasattr(stream, "isatty") and stream.isatty())
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._times, self._step = [time.perf_counter()], trainer.global_step
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step == self._step:  # a micro-batch inside an accumulated step
+            return
+        self._step = step
+        self._times = [*self._times[-10:], time.perf_counter()]
+        every = max(1, trainer.log_every_n_steps)
+        if not self._enabled(trainer) or (step % every and step != trainer.max_steps):
+            return
+        metrics = trainer.callback_metrics
+        parts = [f"step {step}/{trainer.max_steps}" if trainer.max_steps > 0 else f"step {step}"]
+        parts += [f"{label} {fmt.format(float(metrics[key]))}" for key, label, fmt in self.SHOWN if key in metrics]
+        if len(self._times) > 1:
+            seconds = (self._times[-1] - self._times[0]) / (len(self._times) - 1)
+            parts.append(f"{seconds:.1f} s/step")
+            if trainer.max_steps > step:
+                parts.append(f"ETA {datetime.timedelta(seconds=round(seconds * (trainer.max_steps - step)))}")
+        self._print(" | ".join(parts))
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or not self._enabled(trainer):
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if metrics:
+            self._print(f"validation at step {trainer.global_step} | "
+                        + " | ".join(f"{k.removeprefix('val/')} {v:.3g}" for k, v in sorted(metrics.items())))
+
+    def _print(self, line: str) -> None:
+        print(f"qmath: {line}", file=self.stream or sys.stdout, flush=True)
+
+
 def count(n: int) -> str:
     """A parameter count as people write it.
 
@@ -154,8 +212,8 @@ def count(n: int) -> str:
 class TensorBoardLayout(Callback):
     """Sets up TensorBoard at the start of ``fit``: a custom-scalars layout that puts the reward components in one
     chart (and accuracy, clipping and lengths in theirs), and an HParams entry whose metrics are the run's own
-    scalars (``reward``, ``val/accuracy_strict``…), so the HParams tab shows their final values. Added to every run
-    by ``python -m qmath``; TensorBoard loggers only.
+    scalars (``train/reward``, ``val/accuracy_strict``…), so the HParams tab shows their final values. Added to
+    every run by ``python -m qmath``; TensorBoard loggers only.
     """
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -165,8 +223,8 @@ class TensorBoardLayout(Callback):
         from torch.utils.tensorboard.summary import hparams
 
         names = [r.name for r in pl_module.rewards]
-        metrics = ["reward", "accuracy", "kl", "completions/mean_length",
-                   *[f"rewards/{n}/mean" for n in names], *[f"val/{n}" for n in pl_module.val_metrics]]
+        metrics = ["train/reward", "train/accuracy", "train/kl", "train/completions/mean_length",
+                   *[f"train/rewards/{n}/mean" for n in names], *[f"val/{n}" for n in pl_module.val_metrics]]
         params = {**(trainer.datamodule.hparams if trainer.datamodule is not None else {}), **pl_module.hparams}
         params.pop("_instantiator", None)
         params = TensorBoardLogger._sanitize_params(_flatten_dict(_convert_params(params)))
@@ -186,13 +244,14 @@ class TensorBoardLayout(Callback):
     def layout(rewards: list[str], evaluated: list[str]) -> dict[str, Any]:
         return {"qmath": {
             "rewards (each component's mean, and the weighted total)":
-                ["Multiline", [f"^rewards/{n}/mean$" for n in rewards] + ["^reward$"]],
+                ["Multiline", [f"^train/rewards/{n}/mean$" for n in rewards] + ["^train/reward$"]],
             "accuracy (samples; greedy on held-out problems)":
-                ["Multiline", ["^accuracy$"] + [f"^val/{n}$" for n in evaluated if n != "completions/mean_length"]],
+                ["Multiline", ["^train/accuracy$"]
+                 + [f"^val/{n}$" for n in evaluated if n != "completions/mean_length"]],
             "completion length (tokens)":
-                ["Multiline", ["^completions/(mean|min|max)_length$", "^val/completions/mean_length$"]],
+                ["Multiline", ["^train/completions/(mean|min|max)_length$", "^val/completions/mean_length$"]],
             "policy: KL and clipped ratios":
-                ["Multiline", ["^kl$", "^clip_ratio/"]],
+                ["Multiline", ["^train/kl$", "^train/clip_ratio/"]],
         }}
 
 

@@ -24,6 +24,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from qmath.errors import CheckpointError
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint to a temporary file beside its target, fsyncs it, and renames it into place.
@@ -52,11 +54,48 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             os.close(directory)
 
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only)
+        return read_checkpoint(path, map_location=map_location or "cpu", weights_only=weights_only)
+
     def _write(self, checkpoint: dict[str, Any], tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
+
+
+def read_checkpoint(path: _PATH, map_location: Any = "cpu", weights_only: bool | None = True,
+                    mmap: bool = False) -> dict:
+    """``torch.load`` of a checkpoint file, with a file that is damaged (truncated, overwritten) or not a checkpoint
+    said as such, and the newest readable checkpoint beside it named. ``mmap=True`` maps the tensors instead of
+    reading them: a few MB of memory for the hyperparameters of a checkpoint of any size."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--ckpt_path {path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
+    except Exception as error:
+        said = str(error).strip().splitlines()[0].split(". ")[0][:200] if str(error).strip() else ""
+        raise CheckpointError(f"{path} is damaged (truncated or overwritten) or not a checkpoint: torch.load "
+                              f"failed ({said or type(error).__name__}). {_previous_good(path)}") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path} is not a qmath checkpoint: it holds no state_dict. {_previous_good(path)}")
+    return checkpoint
+
+
+def _previous_good(damaged: Path) -> str:
+    """Where to resume from instead: the newest other ``.ckpt`` file in the same directory that loads."""
+    others = sorted((p for p in damaged.parent.glob("*.ckpt") if p.is_file() and p.resolve() != damaged.resolve()),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for candidate in others:
+        try:
+            if "state_dict" in torch.load(candidate, map_location="cpu", weights_only=True, mmap=True):
+                return f"The newest readable checkpoint beside it is {candidate}: resume with --ckpt_path {candidate}."
+        except Exception:
+            continue
+    return f"No other readable checkpoint is in {damaged.parent}: start again without --ckpt_path."
 
 
 def use_atomic_checkpoints(trainer: Any) -> None:
@@ -158,7 +197,7 @@ def check_base(checkpoint: dict[str, Any], identity: dict[str, Any], shapes: dic
         differ = f"{len(changed)} weight shapes and {len(shapes.keys() ^ theirs.keys())} weight names differ"
     else:
         return
-    raise ValueError(
+    raise CheckpointError(
         f"the checkpoint was trained from another base model or vocabulary: {differ}. Resume it with the "
         f"--model.model_name_or_path it was trained from ({(saved or {}).get('model_name_or_path', 'unknown')}), "
         "or start a new run without --ckpt_path"

@@ -10,7 +10,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from qmath.callbacks import WritePredictions
-from qmath.checkpointing import use_atomic_checkpoints
+from qmath.checkpointing import read_checkpoint, use_atomic_checkpoints
+from qmath.errors import ConfigError
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"  # in an installed wheel
 SOURCE_CONFIGS = Path(__file__).parents[1] / "configs"  # in a source checkout or editable install
@@ -30,7 +31,7 @@ def resolve_config(value: str) -> str:
             if (directory / name).is_file():
                 return str(directory / name)
     shipped = sorted(p.name for d in config_dirs() for p in d.glob("*.yaml"))
-    raise SystemExit(f"--config {value}: no such file, and no shipped config of that name. Shipped: {shipped}")
+    raise ConfigError(f"--config {value}: no such file, and no shipped config of that name. Shipped: {shipped}")
 
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -48,6 +49,10 @@ def resolve_args(args: list[str]) -> list[str]:
     if out and out[0] in SUBCOMMANDS and not any(a == "--config" or a.startswith("--config=") for a in out):
         out[1:1] = ["--config", resolve_config(DEFAULT_CONFIG)]
     return out
+
+
+class NoGPUError(ConfigError, MisconfigurationException):
+    """The config asks for a GPU that this machine does not have."""
 
 
 class QMathCLI(LightningCLI):
@@ -69,7 +74,7 @@ class QMathCLI(LightningCLI):
             if torch.cuda.is_available() or "gpu" not in str(error).lower():
                 raise
             build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-            raise MisconfigurationException(
+            raise NoGPUError(
                 f"trainer.accelerator asks for a GPU, but this machine has none that torch can use (torch "
                 f"{torch.__version__}, {build}). Run on the CPU with --trainer.accelerator cpu --trainer.devices 1 "
                 "--trainer.strategy auto (as configs/cpu.yaml does), or install a CUDA build of torch on a machine "
@@ -99,9 +104,8 @@ class QMathCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        import torch
-
-        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        # mapped, not read: only the hyperparameters are wanted, of a file that can be several GiB
+        saved = read_checkpoint(ckpt_path, mmap=True).get("hyper_parameters", {})
         base, configured = saved.get("model_name_or_path"), self.config[subcommand].model.model_name_or_path
         if base and base != configured:
             print(f"qmath: {ckpt_path} was trained from {base}; using it instead of {configured}", flush=True)

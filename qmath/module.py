@@ -44,6 +44,7 @@ from qmath.checkpointing import (
     rng_states,
 )
 from qmath.compat import enable_activation_checkpointing
+from qmath.errors import ConfigError, QMathError
 from qmath.evaluation import Answer, grade_batch
 from qmath.generation import MAJ_K, PROMPTS, Backend, Sampler, check_generation_kwargs, ids_only, seed_for
 from qmath.grpo import LossType, ScaleRewards, dapo_num_items, group_advantages, grpo_loss
@@ -151,7 +152,7 @@ class GRPO(LightningModule):
         self.rewards: list[Reward] = list(rewards) if rewards is not None else default_rewards()
         names = [r.name for r in self.rewards]
         if len(set(names)) != len(names):
-            raise ValueError(f"model.rewards: reward names must be unique, got {names}")
+            raise ConfigError(f"model.rewards: reward names must be unique, got {names}")
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.policy: Any = None
         self.tokenizer: Any = None
@@ -260,7 +261,7 @@ class GRPO(LightningModule):
         wanted = len(rollout) // g
         datamodule = getattr(self.trainer, "datamodule", None)
         if not hasattr(datamodule, "draw"):
-            raise RuntimeError("model.dynamic_sampling needs a data module with a draw(n, seed) method, such as "
+            raise ConfigError("model.dynamic_sampling needs a data module with a draw(n, seed) method, such as "
                                "qmath.data.GSM8K, to take further prompts from")
         informative = self._informative(raw)
         dropped, drawn = int((~informative).sum()), 0
@@ -426,10 +427,11 @@ class GRPO(LightningModule):
             self.train_stats[name].update(value.detach().float().flatten().to(self.device))
 
     def _flush_stats(self) -> None:
-        """Log each statistic of this optimizer step: the mean over its micro-batches and all ranks."""
+        """Log each statistic of this optimizer step: the mean over its micro-batches and all ranks, under TRL's name
+        with the ``train/`` prefix that HF's Trainer uses in TensorBoard."""
         for name, metric in self.train_stats.items():
             if metric.update_called:
-                self.log(name, metric.compute(), prog_bar=name in ("reward", "accuracy", "loss"))
+                self.log(f"train/{name}", metric.compute(), prog_bar=name in ("reward", "accuracy", "loss"))
                 metric.reset()
 
     # -- evaluation: greedy answers on held-out problems -------------------------------------------------------
@@ -471,8 +473,9 @@ class GRPO(LightningModule):
         return [a.prediction() for a in grade_batch(batch, texts, lengths, prompts=prompts)[0]]
 
 
-class NonFiniteError(FloatingPointError):
-    """Training met non-finite values it cannot step past; the message says what to change."""
+class NonFiniteError(QMathError, FloatingPointError):
+    """Training met non-finite values it cannot step past; the message says what to change. Every rank raises it
+    at the same step (they agree on each step's finiteness)."""
 
 
 _LIMITS = {  # option: (whether a value is possible, what it must be)
@@ -490,10 +493,10 @@ def _check_options(options: dict[str, Any]) -> None:
     """Impossible option values fail when the config is read, before a model loads; each message names its key."""
     for key, (possible, what) in _LIMITS.items():
         if not possible(options[key]):
-            raise ValueError(f"model.{key} must be {what}, got {options[key]}")
+            raise ConfigError(f"model.{key} must be {what}, got {options[key]}")
     epsilon, epsilon_high = options["epsilon"], options["epsilon_high"]
     if epsilon <= 0 or (epsilon_high is not None and epsilon_high <= 0):
-        raise ValueError(f"model.epsilon and model.epsilon_high must be positive, got {epsilon}, {epsilon_high}")
+        raise ConfigError(f"model.epsilon and model.epsilon_high must be positive, got {epsilon}, {epsilon_high}")
     distorting = check_generation_kwargs(options["generation_kwargs"])
     if distorting:
         rank_zero_warn(f"model.generation_kwargs {distorting} change the distribution rollouts are sampled from, "

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import math
 import re
+import traceback
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
+
+from qmath.errors import ConfigError, QMathError
 
 SYSTEM_PROMPT = """Respond in the following format:
 <reasoning>
@@ -168,7 +171,7 @@ class Reward:
 
     def __init__(self, name: str, weight: float = 1.0) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            raise ValueError(f"reward name {name!r} must be letters, digits, '_', '.' or '-': it names a metric")
+            raise ConfigError(f"reward name {name!r} must be letters, digits, '_', '.' or '-': it names a metric")
         self.name = name
         self.weight = weight
 
@@ -206,7 +209,7 @@ def _import(path: str) -> Callable[..., list[float]]:
     try:
         return getattr(importlib.import_module(module), attribute)
     except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"cannot import reward function {path!r}: {error}") from error
+        raise ConfigError(f"cannot import reward function {path!r}: {error}") from error
 
 
 def default_rewards() -> list[Reward]:
@@ -220,8 +223,10 @@ def default_rewards() -> list[Reward]:
     ]
 
 
-class RewardError(RuntimeError):
+class RewardError(QMathError, RuntimeError):
     """A reward function failed or returned something other than one finite float per completion."""
+
+    every_rank = False  # a rank's own completions: the rank that met it says it
 
 
 def score(
@@ -244,7 +249,7 @@ def score(
     {'shaky': 1}
     """
     if on_error not in ("raise", "zero"):
-        raise ValueError(f"model.reward_errors must be 'raise' or 'zero', got {on_error!r}")
+        raise ConfigError(f"model.reward_errors must be 'raise' or 'zero', got {on_error!r}")
     results = []
     for reward in rewards:
         try:
@@ -260,7 +265,7 @@ def score(
             if isinstance(error, RewardError):
                 raise
             raise RewardError(
-                f"reward {reward.name!r} raised {type(error).__name__}: {error}\n"
+                f"reward {reward.name!r} raised {type(error).__name__}: {error}{_where(error)}\n"
                 f"on completion: {completions[0][:200]!r}\nFix the reward function, remove it from model.rewards, "
                 "or set model.reward_errors: zero to score such completions 0 and count them."
             ) from error
@@ -278,6 +283,12 @@ def score(
             scores.append(float(value))
         results.append(scores)
     return results
+
+
+def _where(error: BaseException) -> str:
+    """Where in the reward's code it raised (the innermost frame), since the message replaces the traceback."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return f" (at {frames[-1].filename}:{frames[-1].lineno}, in {frames[-1].name})" if frames else ""
 
 
 def _count(errors: dict[str, int] | None, name: str, n: int) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from qmath.errors import QMathError
 from qmath.rewards import extract_hash_answer, parse_number
 from qmath.synthetic import DEFAULT_MIX, make_splits
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(QMathError, ValueError):
     """The data set cannot be used as it is; the message says which rows and what to change."""
 
 
@@ -105,7 +106,8 @@ class Rows:
             if self.strict or not kept:
                 verb = "is" if len(invalid) == 1 else "are"
                 what = "none is usable" if not kept else f"{len(invalid)} {verb} invalid"
-                raise DataError(f"{source}: of its {len(rows)} rows, {what}:\n  {listing}\nFix or remove them"
+                raise DataError(f"{source}: of its {len(rows)} row{'s' * (len(rows) != 1)}, {what}:\n  {listing}\n"
+                                "Fix or remove them"
                                 + (", or set data.strict: false to skip and count invalid rows" if kept else ""))
             log.warning("Skipped %d of %d rows of %s (data.strict is false):\n  %s", len(invalid), len(rows),
                         source, listing)
@@ -165,9 +167,14 @@ def read_file(path: str) -> list[tuple[int, Any]]:
         raise DataError(f"data.path: {path} is empty")
     if file.suffix.lower() == ".jsonl":  # read here, so that a broken line is named by its number
         rows = []
-        with file.open(encoding="utf-8", errors="replace") as f:
+        # surrogateescape: a byte that is not UTF-8 becomes one marked character, so the line can be named
+        with file.open(encoding="utf-8", errors="surrogateescape") as f:
             for number, line in enumerate(f, 1):
-                if line.strip():
+                bad = next((i for i, c in enumerate(line) if "\udc80" <= c <= "\udcff"), None)
+                if bad is not None:
+                    rows.append((number, _Unreadable(f"not UTF-8 text (byte 0x{ord(line[bad]) - 0xDC00:02x} at "
+                                                     f"column {bad + 1}); save the file as UTF-8")))
+                elif line.strip():
                     try:
                         rows.append((number, json.loads(line)))
                     except json.JSONDecodeError as error:

@@ -36,7 +36,7 @@ def test_learning_runs_end_to_end_on_the_tiny_model(tiny_model, tmp_path):
                             "--trainer.max_steps", "12"])
     assert report["steps"] == 12
     assert set(report["heldout"]) == {"format", "strict", "lenient"}
-    assert report["rewards"]["reward"]["first10"][0] >= 0
+    assert report["rewards"]["train/reward"]["first10"][0] >= 0
     assert (tmp_path / "seed0" / "learning.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "seed0" / "results.json").read_text())["num_val"] == 200
     assert list(tmp_path.glob("before-200-*.json"))  # the baseline is cached for the next seed
@@ -44,13 +44,15 @@ def test_learning_runs_end_to_end_on_the_tiny_model(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("logits", ["chunked", "full"])
 def test_memory_benchmark_measures_a_t4x2_step(tmp_path, logits):
+    import qmath.logprobs
     from benchmarks import memory
     from qmath.generation import Sampler
     from qmath.module import GRPO
 
-    methods = (Sampler.generate, GRPO.token_logps)
-    result = memory.main(["--small", "--workdir", str(tmp_path), "--prompt-length", "80", "--logits", logits, "--",
-                          "--model.max_completion_length", "16"])
+    methods = (Sampler.generate, GRPO.token_logps, qmath.logprobs.groups_share_prompts)
+    sharing = ["--prompt-sharing", "off"] if logits == "full" else []  # each switch, once
+    result = memory.main(["--small", "--workdir", str(tmp_path), "--prompt-length", "80", "--logits", logits, *sharing,
+                          "--", "--model.max_completion_length", "16"])
     # t4x2's 8 completions per prompt, prompts of exactly 80 tokens, and a random model that never stops early
     assert (result["completions"], result["prompt_length"], result["completion_length_mean"]) == (8, 80, 16)
     assert result["weights"] == result["reference"] == result["gradients"] > 0
@@ -58,7 +60,8 @@ def test_memory_benchmark_measures_a_t4x2_step(tmp_path, logits):
     assert result["peak"] >= result["step_start"] > result["libraries"] > 0
     assert set(result["phases"]) == {"rollout (generate)", "policy forward", "reference forward", "backward",
                                      "optimizer step"}
-    assert (Sampler.generate, GRPO.token_logps) == methods  # the probes are gone: later runs are not measured
+    # the probes are gone: later runs are not measured, and share prompts again
+    assert (Sampler.generate, GRPO.token_logps, qmath.logprobs.groups_share_prompts) == methods
 
 
 def test_vs_trl_times_qmath_and_the_floor_on_the_tiny_model(tiny_model, tmp_path):

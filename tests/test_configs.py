@@ -11,6 +11,7 @@ import yaml
 from qmath.__main__ import main
 from qmath.cli import QMathCLI, resolve_args, resolve_config
 from qmath.data import GSM8K
+from qmath.errors import ConfigError
 from qmath.module import GRPO
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -36,7 +37,9 @@ def test_config_parses_and_instantiates(config, in_tmp):
                 assert _plain(obj.hparams[key]) == value, f"{section}.{key}"
     optimizer = cli.model.optimizer([torch.nn.Parameter(torch.zeros(1))])
     if cli.model.lr_scheduler is not None:
-        cli.model.lr_scheduler(optimizer).step()
+        scheduler = cli.model.lr_scheduler(optimizer)
+        optimizer.step()  # the order training steps them in
+        scheduler.step()
     assert [r.name for r in cli.model.rewards] == ["xmlcount", "soft_format", "strict_format", "int", "correctness"]
 
 
@@ -66,7 +69,7 @@ def test_t4x2_is_the_reference_run():
 def test_bare_config_names_resolve_to_shipped_configs(in_tmp):
     assert Path(resolve_config("t4x2.yaml")).samefile(CONFIGS[[c.name for c in CONFIGS].index("t4x2.yaml")])
     assert Path(resolve_config("t4x2")).name == "t4x2.yaml"
-    with pytest.raises(SystemExit, match="no shipped config.*t4x2.yaml"):
+    with pytest.raises(ConfigError, match="no shipped config.*t4x2.yaml"):
         resolve_config("t4x3.yaml")
 
 

@@ -93,7 +93,7 @@ def test_ddp_ranks_split_prompts_sync_metrics_and_stay_identical(ddp_run):
         assert not set(questions[0]) & set(questions[1])
     assert records[0]["checksum"] == pytest.approx(records[1]["checksum"], rel=1e-6, abs=1e-6)
     # the logged reward is the mean over both ranks, not rank 0's
-    logged = dict(scalars(ddp_run / "lightning_logs" / "cpu" / "version_0")["reward"])
+    logged = dict(scalars(ddp_run / "lightning_logs" / "cpu" / "version_0")["train/reward"])
     means = [[sum(r["steps"][s]["reward"]) / 8 for s in range(3)] for r in records]
     assert means[0] != means[1]  # otherwise rank 0's value would pass for the global mean
     for step in range(3):
@@ -123,10 +123,11 @@ def test_ddp_logs_trl_reward_std_and_length_extremes_over_both_ranks(ddp_run):
     records, logged = ranks(ddp_run), scalars(ddp_run / "lightning_logs" / "cpu" / "version_0")
     for step in range(3):
         both = torch.tensor([x for r in records for x in r["steps"][step]["reward"]])
-        assert dict(logged["reward_std"])[step] == pytest.approx(both.std().item(), rel=1e-5)  # TRL's: all rewards
+        # TRL's reward_std: over all the step's rewards
+        assert dict(logged["train/reward_std"])[step] == pytest.approx(both.std().item(), rel=1e-5)
         lengths = [r["steps"][step]["lengths"] for r in records]
-        assert dict(logged["completions/min_length"])[step] == min(lengths[0] + lengths[1])
-        assert dict(logged["completions/max_length"])[step] == max(lengths[0] + lengths[1])
+        assert dict(logged["train/completions/min_length"])[step] == min(lengths[0] + lengths[1])
+        assert dict(logged["train/completions/max_length"])[step] == max(lengths[0] + lengths[1])
     # the ranks' extremes differ at some step, so a mean of per-rank extremes would have failed above
     assert any(min(r["steps"][s]["lengths"]) != min(records[0]["steps"][s]["lengths"]) or
                max(r["steps"][s]["lengths"]) != max(records[0]["steps"][s]["lengths"])
@@ -223,7 +224,7 @@ def test_the_t4x2_config_runs_with_only_model_data_and_accelerator_overridden(tm
     assert torch.load(logs / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 400
     logged = scalars(logs / "version_0")
     assert [s for s, _ in logged["val/accuracy_strict"]] == [99, 199, 299, 399]
-    assert len(logged["reward"]) == 400
+    assert len(logged["train/reward"]) == 400
 
 
 def test_a_failing_launcher_kills_ranks_that_would_wait_for_it():

@@ -37,8 +37,8 @@ def test_embedded_default_runs_one_step_through_the_cli(in_tmp):
     assert "1 prompt(s) x 8 generations x 1 micro-batch(es) x 1 device(s) = 1 prompts, 8 completions" in run.stdout
     assert "  parameters   134.5M (134.5M trainable)" in run.stdout
     logged = scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")
-    assert [s for s, _ in logged["rewards/strict_format/mean"]] == [0]
-    assert 0 < logged["completions/mean_length"][0][1] <= 48
+    assert [s for s, _ in logged["train/rewards/strict_format/mean"]] == [0]
+    assert 0 < logged["train/completions/mean_length"][0][1] <= 48
     assert "val/format_rate" in logged
     assert (in_tmp / "lightning_logs" / "cpu" / "checkpoints" / "last.ckpt").is_file()
 
@@ -57,8 +57,30 @@ def test_embedded_default_resumes_exactly(in_tmp):
     resumed = main([*args, "--trainer.max_steps", "3", "--ckpt_path", "last"])
     for a, b in zip(straight.model.policy.parameters(), resumed.model.policy.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    once = dict(scalars(in_tmp / "lightning_logs" / "once" / "version_0")["reward"])
-    split = {**dict(scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")["reward"]),
-             **dict(scalars(in_tmp / "lightning_logs" / "cpu" / "version_1")["reward"])}
+    once = dict(scalars(in_tmp / "lightning_logs" / "once" / "version_0")["train/reward"])
+    split = {**dict(scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")["train/reward"]),
+             **dict(scalars(in_tmp / "lightning_logs" / "cpu" / "version_1")["train/reward"])}
     assert sorted(once) == sorted(split) == [0, 1, 2]
     assert split == pytest.approx(once, rel=1e-5)
+
+
+def test_compiled_decoding_answers_as_eager_does_on_the_embedded_model():
+    """SmolLM2-135M-Instruct's greedy answers, token for token, with the static KV cache and the compiled decode
+    step (``model.generation_backend: compiled``) as with eager decoding: two rendered GSM8K-style prompts, one
+    padded width, so one compilation (about a minute on 2 CPU cores)."""
+    from qmath.data import GSM8K
+    from qmath.generation import Sampler
+    from qmath.module import GRPO
+
+    module = GRPO(max_completion_length=32, num_generations=2)  # the embedded model
+    module.configure_model()
+    data = GSM8K(num_few_shot=0)
+    data.tokenizer = module.tokenizer
+    prompts = [data.render("Tom has 3 boxes of 12 pencils. He gives away 7. How many are left?"),
+               data.render("A baker sells 24 muffins a day for 5 days. How many muffins does she sell?")]
+    encoded = module.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids, mask = encoded.input_ids.repeat_interleave(2, 0), encoded.attention_mask.repeat_interleave(2, 0)
+    compiled = Sampler(module.policy, module.tokenizer, 32, temperature=module.hparams.temperature, backend="compiled")
+    eager = module.sampler.generate(ids, mask, greedy=True, group=2)[0]
+    assert torch.equal(compiled.generate(ids, mask, greedy=True, group=2)[0], eager)
+    assert eager.ne(module.tokenizer.pad_token_id).sum() > 40  # real answers, not an EOS at once

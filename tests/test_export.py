@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qmath.__main__ import main
+from qmath.errors import CheckpointError
 from qmath.module import GRPO
 from tests.test_fit import tiny_config
 
@@ -35,5 +36,5 @@ def test_export_generates_what_the_checkpoint_generates(tiny_model, in_tmp):
 
 
 def test_export_names_a_missing_checkpoint(in_tmp):
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+    with pytest.raises(CheckpointError, match="nope.ckpt: no such checkpoint file"):
         main(["export", "--ckpt_path", "nope.ckpt", "--out", "x"])

@@ -14,6 +14,7 @@ import yaml
 from lightning import Callback
 
 from qmath.__main__ import main
+from qmath.errors import ModelError
 from qmath.module import NonFiniteError
 from tests.conftest import ROOT
 from tests.test_fit import scalars, tiny_config
@@ -111,8 +112,8 @@ def test_reward_errors_zero_scores_counts_and_warns_once(tiny_model, in_tmp, cap
     main(["fit", "--config", "cpu", "--config", str(path), "--model.reward_errors", "zero",
           "--trainer.max_steps", "3"])
     logged = scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")
-    assert [v for _, v in logged["reward_errors"]] == [0, 8, 0]
-    assert [v for _, v in logged["rewards/flaky/mean"]] == [1, 0, 1]
+    assert [v for _, v in logged["train/reward_errors"]] == [0, 8, 0]
+    assert [v for _, v in logged["train/rewards/flaky/mean"]] == [1, 0, 1]
     assert caplog.text.count("reward 'flaky' failed on 8 of 8 completions at step 1") == 1
     flaky_reward.calls = 0
     with pytest.raises(Exception, match="reward 'flaky' raised ValueError: cannot parse"):
@@ -161,7 +162,7 @@ def test_a_quantised_checkpoint_is_refused_before_its_weights_load(tiny_model, t
     (quantised / "config.json").write_text(json.dumps(config))
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
                         lambda *a, **k: pytest.fail("weights were read"))
-    with pytest.raises(ValueError, match=r"quantised checkpoint \(bitsandbytes\).*32-true.*full-precision model"):
+    with pytest.raises(ModelError, match=r"quantised checkpoint \(bitsandbytes\).*32-true.*full-precision model"):
         load_model(str(quantised))
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -65,7 +67,13 @@ def test_fit_trains_logs_and_checkpoints(tiny_model, in_tmp, capsys):
                  "  logs         lightning_logs/cpu/version_0 (tensorboard --logdir lightning_logs)",
                  "lightning_logs/cpu/checkpoints (last.ckpt every 1 steps"):
         assert line in summary, summary
-    assert {"reward", "accuracy", "val/accuracy_strict"} <= set(cli.trainer.progress_bar_metrics)
+    assert {"train/reward", "train/accuracy", "val/accuracy_strict"} <= set(cli.trainer.progress_bar_metrics)
+    # stdout is not a terminal here, so a status line per logged step (log_every_n_steps: 1) and per validation
+    status = [line for line in summary.splitlines() if line.startswith("qmath: step ")]
+    assert [s.split(" | ")[0] for s in status] == ["qmath: step 1/2", "qmath: step 2/2"], summary
+    assert all(" | reward " in s and " | accuracy " in s and " s/step" in s for s in status)
+    assert " | ETA 0:" in status[0] and "ETA" not in status[1]  # the time left, until there is none
+    assert "qmath: validation at step 2 | accuracy_lenient " in summary
 
     before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     after = cli.model.policy.state_dict()
@@ -75,15 +83,16 @@ def test_fit_trains_logs_and_checkpoints(tiny_model, in_tmp, capsys):
     assert all(torch.equal(before[k], reference[k]) for k in before)
 
     logged = scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")
-    for name in [f"rewards/{n}/mean" for n in [*REWARDS, "length"]] + [
-        "reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
-        "kl", "clip_ratio/region_mean", "loss", "lr-AdamW", "val/accuracy_strict", "val/format_rate",
+    for name in [f"train/rewards/{n}/mean" for n in [*REWARDS, "length"]] + [
+        "train/reward", "train/reward_std", "train/frac_reward_zero_std", "train/completions/mean_length",
+        "train/completions/clipped_ratio", "train/kl", "train/clip_ratio/region_mean", "train/loss", "lr-AdamW",
+        "val/accuracy_strict", "val/format_rate",
     ]:
         assert name in logged, f"{name} missing from {sorted(logged)}"
-    assert [step for step, _ in logged["reward"]] == [0, 1]
+    assert [step for step, _ in logged["train/reward"]] == [0, 1]
     # the logged total is the weighted sum of the components at each step
-    total = [sum(dict(logged[f"rewards/{n}/mean"])[s] for n in [*REWARDS, "length"]) for s in (0, 1)]
-    assert [v for _, v in logged["reward"]] == pytest.approx(total, rel=1e-5)
+    total = [sum(dict(logged[f"train/rewards/{n}/mean"])[s] for n in [*REWARDS, "length"]) for s in (0, 1)]
+    assert [v for _, v in logged["train/reward"]] == pytest.approx(total, rel=1e-5)
 
     events = EventAccumulator(str(in_tmp / "lightning_logs" / "cpu" / "version_0"), size_guidance={"tensors": 0})
     events.Reload()
@@ -108,8 +117,8 @@ def check_hparams_and_layout(events: EventAccumulator, rewards: list[str], logge
 
     experiment = HParamsPluginData.FromString(events.SummaryMetadata("_hparams_/experiment").plugin_data.content)
     metrics = [m.name.tag for m in experiment.experiment.metric_infos]
-    assert {"reward", "accuracy", "val/accuracy_strict", "val/accuracy_lenient", "val/format_rate",
-            "rewards/correctness/mean"} <= set(metrics)
+    assert {"train/reward", "train/accuracy", "val/accuracy_strict", "val/accuracy_lenient", "val/format_rate",
+            "train/rewards/correctness/mean"} <= set(metrics)
     assert all(m in logged for m in metrics), [m for m in metrics if m not in logged]  # each has a final value
     session = HParamsPluginData.FromString(events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content)
     assert session.session_start_info.hparams["num_generations"].number_value == 8
@@ -118,7 +127,13 @@ def check_hparams_and_layout(events: EventAccumulator, rewards: list[str], logge
     layout = Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     charts = {c.title: list(c.multiline.tag) for category in layout.category for c in category.chart}
     rewards_chart = next(tags for title, tags in charts.items() if title.startswith("rewards"))
-    assert rewards_chart == [f"^rewards/{n}/mean$" for n in rewards] + ["^reward$"]
+    assert rewards_chart == [f"^train/rewards/{n}/mean$" for n in rewards] + ["^train/reward$"]
+    for title, tags in charts.items():  # every pattern draws a logged scalar: the layout follows the names
+        for tag in tags:
+            assert any(re.search(tag, name) for name in logged), (title, tag)
+    # training scalars under train/, held-out ones under val/ (HF's Trainer's sections), none at the top level
+    # (and Lightning's own: LearningRateMonitor's lr-AdamW, the epoch)
+    assert all(name.startswith(("train/", "val/", "test/", "lr-")) or name == "epoch" for name in logged), logged
 
 
 def hparams_entries(log_dir: Path) -> int:
@@ -136,7 +151,7 @@ def test_resume_continues_from_last(tiny_model, in_tmp):
     resumed = main(["fit", "--config", "cpu", "--config", config, *four, "--ckpt_path", "last"])
     assert resumed.trainer.global_step == 4
     logged = scalars(in_tmp / "lightning_logs" / "cpu" / "version_1")
-    assert [step for step, _ in logged["reward"]] == [2, 3]  # continues, does not restart at step 0
+    assert [step for step, _ in logged["train/reward"]] == [2, 3]  # continues, does not restart at step 0
     # the data position came back: step 4 drew the same prompts as in the run that never stopped
     assert resumed.model.last_rollout["question"] == straight.model.last_rollout["question"]
     for a, b in zip(straight.model.policy.parameters(), resumed.model.policy.parameters()):
@@ -154,7 +169,7 @@ def test_beta_zero_loads_no_reference(tiny_model, in_tmp):
     cli = main(["fit", "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)),
                 "--model.beta", "0", "--trainer.max_steps", "1"])
     assert cli.model.reference is None
-    assert "kl" not in scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")
+    assert "train/kl" not in scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")
 
 
 @pytest.mark.parametrize("num_iterations", [1, 2])
@@ -182,13 +197,13 @@ def test_fit_each_loss_type_and_iterations(tiny_model, in_tmp, monkeypatch, loss
     # one rollout per μ steps; one policy forward per step (π_old comes free); one reference forward per rollout
     assert calls == {"prepare": 4 // num_iterations, "policy": 4, "reference": 4 // num_iterations}
     logged = scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")
-    assert [s for s, _ in logged["loss"]] == [0, 1, 2, 3]
-    assert all(math.isfinite(v) for _, v in logged["loss"])
-    rewards = [v for _, v in logged["reward"]]
+    assert [s for s, _ in logged["train/loss"]] == [0, 1, 2, 3]
+    assert all(math.isfinite(v) for _, v in logged["train/loss"])
+    rewards = [v for _, v in logged["train/reward"]]
     assert len(rewards) == 4
     if num_iterations == 2:  # each rollout's rewards are logged at both steps that train on it
         assert rewards[0] == rewards[1] and rewards[2] == rewards[3]
-    clipped = [v for _, v in logged["clip_ratio/region_mean"]]
+    clipped = [v for _, v in logged["train/clip_ratio/region_mean"]]
     if num_iterations == 1:
         assert clipped == [0.0] * 4  # ρ = 1: the clip never binds
     before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
@@ -198,7 +213,7 @@ def test_fit_each_loss_type_and_iterations(tiny_model, in_tmp, monkeypatch, loss
 def test_reused_rollout_moves_the_ratio_and_clips(tiny_model, in_tmp):
     # lr 1e-2 moves the tiny model far in one step, so the second pass over the rollout sees ρ ≠ 1 and clips
     main(["fit", "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)), "--model.num_iterations", "2"])
-    clipped = dict(scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")["clip_ratio/region_mean"])
+    clipped = dict(scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")["train/clip_ratio/region_mean"])
     assert clipped[0] == 0.0 and clipped[1] > 0.0
 
 
@@ -245,9 +260,9 @@ def test_dynamic_sampling_drops_and_refills(tiny_model, in_tmp):
           "--model.dynamic_sampling", "true", "--model.max_sampling_rounds", "8", "--data.batch_size", "2",
           "--model.num_generations", "4", "--trainer.max_steps", "4", "--trainer.val_check_interval", "4"])
     logged = {k: [v for _, v in vs] for k, vs in scalars(in_tmp / "lightning_logs" / "cpu" / "version_0").items()}
-    assert sum(logged["dynamic_sampling/dropped_groups"]) > 0
-    assert sum(logged["dynamic_sampling/drawn_prompts"]) > 0
-    assert logged["frac_reward_zero_std"] == [0.0] * 4  # every trained group carries a gradient
+    assert sum(logged["train/dynamic_sampling/dropped_groups"]) > 0
+    assert sum(logged["train/dynamic_sampling/drawn_prompts"]) > 0
+    assert logged["train/frac_reward_zero_std"] == [0.0] * 4  # every trained group carries a gradient
 
 
 def test_mask_truncated_completions_zeroes_their_loss(tiny_model, in_tmp):
@@ -267,8 +282,14 @@ def test_generation_kwargs_reach_the_rollouts(tiny_model, in_tmp):
     eos = GenerationConfig.from_pretrained(tiny_model).eos_token_id
     args = ["fit", "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)), "--trainer.max_steps", "1",
             "--model.max_completion_length", "6"]
-    main([*args, "--model.generation_kwargs", f"{{sequence_bias: [[[{eos}], 100.0]]}}"])  # ends every answer at once
-    main([*args, "--model.generation_kwargs", "{min_new_tokens: 6}"])  # ...or makes it write 6 tokens
+    with warnings.catch_warnings(record=True) as caught:  # (pytest.warns would re-emit the unrelated ones)
+        warnings.simplefilter("always")
+        main([*args, "--model.generation_kwargs", f"{{sequence_bias: [[[{eos}], 100.0]]}}"])  # ends every answer
+        main([*args, "--model.generation_kwargs", "{min_new_tokens: 6}"])  # ...or makes it write 6 tokens
+    said = [str(w.message) for w in caught if "change the distribution rollouts are sampled from" in str(w.message)]
+    assert [s.split("]")[0] for s in said] == ["model.generation_kwargs ['sequence_bias'",
+                                                "model.generation_kwargs ['min_new_tokens'"]
     short, forced = (scalars(in_tmp / "lightning_logs" / "cpu" / f"version_{v}") for v in (0, 1))
-    assert short["completions/max_length"] == [(0, 1.0)]
-    assert forced["completions/min_length"] == [(0, 6.0)] and forced["completions/clipped_ratio"] == [(0, 1.0)]
+    assert short["train/completions/max_length"] == [(0, 1.0)]
+    assert forced["train/completions/min_length"] == [(0, 6.0)]
+    assert forced["train/completions/clipped_ratio"] == [(0, 1.0)]

@@ -24,43 +24,44 @@ RUNS = {
     "dynamic": ["--model.loss_type", "grpo", "--model.scale_rewards", "group", "--model.dynamic_sampling", "true",
                 "--model.max_sampling_rounds", "2", "--model.num_generations", "4", "--data.batch_size", "2"],
 }
-LOGGED = ["loss", "reward", "kl", "rewards/length/mean", "rewards/xmlcount/mean", "completions/mean_length",
-          "clip_ratio/region_mean", "val/accuracy_lenient", "val/format_rate", "val/completions/mean_length"]
+LOGGED = ["train/loss", "train/reward", "train/kl", "train/rewards/length/mean", "train/rewards/xmlcount/mean",
+          "train/completions/mean_length", "train/clip_ratio/region_mean", "val/accuracy_lenient", "val/format_rate",
+          "val/completions/mean_length"]
 # recorded on the code before issue 15 (commit 6321c43), 2 CPU cores, torch 2.13, transformers 5.24
 GOLDEN: dict[str, dict] = {
  "dapo": {
   "logged": {
-   "loss": [
+   "train/loss": [
     0.0,
     -0.13465890288352966,
     0.0020427810959517956
    ],
-   "reward": [
+   "train/reward": [
     0.39500001072883606,
     0.39500001072883606,
     0.38062500953674316
    ],
-   "kl": [
+   "train/kl": [
     0.0,
     0.15745320916175842,
     0.05106952786445618
    ],
-   "rewards/length/mean": [
+   "train/rewards/length/mean": [
     0.27000001072883606,
     0.27000001072883606,
     0.25562500953674316
    ],
-   "rewards/xmlcount/mean": [
+   "train/rewards/xmlcount/mean": [
     0.125,
     0.125,
     0.125
    ],
-   "completions/mean_length": [
+   "train/completions/mean_length": [
     8.0,
     8.0,
     8.0
    ],
-   "clip_ratio/region_mean": [
+   "train/clip_ratio/region_mean": [
     0.0,
     0.8359375,
     0.0
@@ -104,37 +105,37 @@ GOLDEN: dict[str, dict] = {
  },
  "dynamic": {
   "logged": {
-   "loss": [
+   "train/loss": [
     -4.470348358154297e-07,
     0.000814288854598999,
     0.0021359026432037354
    ],
-   "reward": [
+   "train/reward": [
     0.375,
     0.4024999737739563,
     0.3762499988079071
    ],
-   "kl": [
+   "train/kl": [
     0.0,
     0.02038193866610527,
     0.05338834971189499
    ],
-   "rewards/length/mean": [
+   "train/rewards/length/mean": [
     0.25,
     0.2775000035762787,
     0.2512499988079071
    ],
-   "rewards/xmlcount/mean": [
+   "train/rewards/xmlcount/mean": [
     0.125,
     0.125,
     0.125
    ],
-   "completions/mean_length": [
+   "train/completions/mean_length": [
     8.0,
     8.0,
     8.0
    ],
-   "clip_ratio/region_mean": [
+   "train/clip_ratio/region_mean": [
     0.0,
     0.0,
     0.0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import pytest
 import torch
 
 from qmath.logprobs import head_is_linear
@@ -77,14 +80,16 @@ def grouped_rollout(vocab: int, prompts: int = 2, g: int = 4, width: int = 12) -
                         torch.randint(3, vocab, (prompts * g, width)), mask)
 
 
-def test_each_prompt_runs_once_for_its_group_with_the_same_values_and_gradients(tiny_model):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_each_prompt_runs_once_for_its_group_with_the_same_values_and_gradients(tiny_model, checkpointing):
     from unittest import mock
 
     from qmath.logprobs import groups_share_prompts
 
-    module = GRPO(model_name_or_path=str(tiny_model), num_generations=4)
+    module = GRPO(model_name_or_path=str(tiny_model), num_generations=4, gradient_checkpointing=checkpointing)
     module.configure_model()
     model = module.policy
+    model.train()
     r = grouped_rollout(model.config.vocab_size)
     assert groups_share_prompts(model, r.prompt_ids, 4)
     assert not groups_share_prompts(model, r.prompt_ids.roll(1, 0), 4)  # a group with two prompts
@@ -98,23 +103,42 @@ def test_each_prompt_runs_once_for_its_group_with_the_same_values_and_gradients(
 
     shapes = []
     decoder, forward = model.get_decoder(), model.get_decoder().forward
+    layer_rows = []  # rows through the first layer's MLP: inside the checkpointed forward, so replays count too
+    hook = decoder.layers[0].mlp.register_forward_pre_hook(lambda m, a: layer_rows.append(tuple(a[0].shape[:2])))
 
+    @functools.wraps(forward)  # the same signature: the cache keeps its current argument name
     def spy(*args, **kwargs):
         shapes.append(tuple(kwargs["input_ids"].shape))
         return forward(*args, **kwargs)
 
     assert head_is_linear(model)  # its one-off check runs the decoder too
     with mock.patch.object(decoder, "forward", spy):
-        module.token_logps(model, r)
+        (module.token_logps(model, r) * r.completion_mask).sum().backward()
+    hook.remove()
     assert shapes == [(2, 7), (8, 12)]  # 2 prompts once each, then the 8 completions on their cache
+    # under checkpointing each pass runs again in backward, prompts still once: no cache dropped, none appended twice
+    assert layer_rows.count((2, 7)) == layer_rows.count((8, 12)) == (2 if checkpointing else 1)
     shared, shared_grads = logps_and_grads(True)
     plain, plain_grads = logps_and_grads(False)
     torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shared, full_logits_logps(module, model, r), rtol=1e-5, atol=1e-5)
     for a, b in zip(shared_grads, plain_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert not groups_share_prompts(model, r.prompt_ids, 4)  # no KV cache in training under checkpointing
+    assert all(not hasattr(m, "_can_checkpoint_with_cache") or not m._can_checkpoint_with_cache
+               for m in model.modules())  # the switch is taken back
+
+
+def test_without_the_cache_switch_checkpointed_layers_keep_the_plain_path(tiny_model, monkeypatch):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from qmath.logprobs import groups_share_prompts
+
+    module = GRPO(model_name_or_path=str(tiny_model), num_generations=4, gradient_checkpointing=True)
+    module.configure_model()
+    r = grouped_rollout(module.policy.config.vocab_size)
+    assert groups_share_prompts(module.policy, r.prompt_ids, 4)
+    monkeypatch.delattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")  # transformers before 5.2x
+    assert not groups_share_prompts(module.policy, r.prompt_ids, 4)
 
 
 def test_generation_from_a_shared_prefill_is_exactly_as_before(tiny_model):

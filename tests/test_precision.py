@@ -43,8 +43,8 @@ def test_a_step_under_bf16_has_a_reference_in_the_policys_dtype_and_a_finite_los
     assert module.policy.dtype == dtype
     assert {p.dtype for p in module.reference.parameters()} == {dtype}
     logged = scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")
-    assert len(logged["loss"]) == 2 and all(torch.isfinite(torch.tensor(v)) for _, v in logged["loss"])
-    assert all(v > 0 for _, v in logged["kl"][1:])  # the step moved the policy away from its reference
+    assert len(logged["train/loss"]) == 2 and all(torch.isfinite(torch.tensor(v)) for _, v in logged["train/loss"])
+    assert all(v > 0 for _, v in logged["train/kl"][1:])  # the step moved the policy away from its reference
     assert [v for _, v in logged["train/skipped_steps"]] == [0, 0]
 
 

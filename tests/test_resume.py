@@ -69,7 +69,7 @@ class SignalAt(Callback):
 
 
 def rewards_by_step(log_dir: Path) -> dict[int, float]:
-    return dict(scalars(log_dir)["reward"])
+    return dict(scalars(log_dir)["train/reward"])
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
