@@ -58,16 +58,25 @@ TRAINING_ONLY = ("--model.temperature", "--model.top_p", "--model.top_k", "--mod
                  "--data.difficulty", "--data.num_train", "--data.batch_size", "--data.num_workers")
 
 
-def model_and_data_options(options: list[str]) -> list[str]:
+def model_and_data_options(options: list[str], adapters: bool = True) -> list[str]:
     """The ``--model.*`` and ``--data.*`` options (``--k v`` or ``--k=v``) of a fit command line that can change
-    greedy evaluation, so that the evaluation matches the run and the cached baseline is shared where it may be."""
+    greedy evaluation, so that the evaluation matches the run and the cached baseline is shared where it may be.
+    Without ``adapters``, no LoRA options: untrained adapters change no answer, so the base model's evaluation
+    serves LoRA and full runs alike (a LoRA checkpoint needs them to be loaded)."""
     out, keep = [], False
     for option in options:
         if option.startswith("--"):
             keep = option.startswith(("--model.", "--data.")) and not option.startswith(TRAINING_ONLY)
+            keep = keep and (adapters or not option.startswith("--model.lora_"))
         if keep:
             out.append(option)
     return out
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (training, and the evaluations around it)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20
 
 
 def rate(records: list[dict], key: str) -> tuple[float, float]:
@@ -171,13 +180,14 @@ def main(argv: list[str] | None = None) -> dict:
 def run(args: argparse.Namespace, workdir: Path, run_dir: Path, png: Path) -> dict:
     # validation must use the training run's model and data settings (lengths, prompt format)
     eval_options = model_and_data_options(args.fit_options)
-    key = hashlib.sha1(json.dumps(eval_options).encode()).hexdigest()[:8]
+    base_options = model_and_data_options(args.fit_options, adapters=False)
+    key = hashlib.sha1(json.dumps(base_options).encode()).hexdigest()[:8]
     cache = workdir / f"before-{args.num_val}-{key}.json"
     if cache.exists():
         before = json.loads(cache.read_text())
     else:
         start = time.time()
-        before = evaluate(args.num_val, eval_options, workdir)
+        before = evaluate(args.num_val, base_options, workdir)
         cache.write_text(json.dumps(before))
         print(f"before: evaluated {len(before)} problems in {time.time() - start:.0f} s", flush=True)
 
@@ -194,8 +204,10 @@ def run(args: argparse.Namespace, workdir: Path, run_dir: Path, png: Path) -> di
     scalars = read_scalars(log_dir)
     steps = len(scalars["train/reward"])
     report = {"seed": args.seed, "num_val": args.num_val, "fit_options": args.fit_options, "steps": steps,
-              "fit_seconds": round(fit_seconds), "log_dir": log_dir, "rewards": {}, "heldout": {}}
-    print(f"\nseed {args.seed}: {steps} steps in {fit_seconds / 60:.1f} min ({fit_seconds / steps:.1f} s/step); "
+              "fit_seconds": round(fit_seconds), "log_dir": log_dir, "rewards": {}, "heldout": {},
+              "peak_rss_gib": peak_rss_gib()}
+    print(f"\nseed {args.seed}: {steps} steps in {fit_seconds / 60:.1f} min ({fit_seconds / steps:.1f} s/step, "
+          f"peak RSS {report['peak_rss_gib']:.2f} GiB); "
           f"held-out: {args.num_val} synthetic problems, greedy")
     print(f"{'reward component':<36}{'first 10 steps':>18}{'last 10 steps':>18}")
     for tag in [t for t, _ in CURVES] + ["train/reward", "train/completions/mean_length"]:

@@ -3,6 +3,7 @@
     python benchmarks/memory.py                  # log-probs from hidden states in chunks (what qmath does)
     python benchmarks/memory.py --logits full    # the same step through full [B, T, V] logits, for comparison
     python benchmarks/memory.py --prompt-sharing off  # each of the G copies of a prompt runs forward and backward
+    python benchmarks/memory.py --config t4x2-lora    # Qwen2.5-1.5B with LoRA adapters, at the same shapes
 
 Builds the Qwen2.5-0.5B-Instruct architecture from its config with random weights (no hub; the tokenizer is the
 embedded SmolLM2's, whose ids all lie inside Qwen's vocabulary: only token counts matter here), writes a prompt
@@ -41,6 +42,9 @@ CUDA_CONTEXT_GIB = 0.4  # CUDA context + cuBLAS workspace of a torch process on 
 QWEN25_05B = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
               "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
               "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "hidden_act": "silu"}
+# Qwen/Qwen2.5-1.5B-Instruct's (t4x2-lora.yaml's model)
+QWEN25_15B = {**QWEN25_05B, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+              "num_attention_heads": 12, "num_key_value_heads": 2}
 SMALL = {**QWEN25_05B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
          "num_key_value_heads": 1}
 
@@ -133,7 +137,8 @@ def install(probe: Probe, logits: str, prompt_sharing: bool = True) -> dict[str,
     def timed_logps(self, model, rollout):
         if logits == "full":
             self._linear_heads[id(model)] = False  # the full-logits path
-        name = "policy forward" if model is self.policy else "reference forward"
+        # with LoRA the reference is the policy with its adapters off, run without gradients
+        name = "policy forward" if model is self.policy and torch.is_grad_enabled() else "reference forward"
         with probe.phase(name):
             return token_logps(self, model, rollout)
 
@@ -233,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="chunked: log-probs from hidden states, 512 tokens at a time (qmath); full: [B, T, V]")
     parser.add_argument("--prompt-sharing", choices=["on", "off"], default="on",
                         help="on: each prompt runs once for its group in the log-prob passes (qmath); off: G times")
+    parser.add_argument("--config", default="t4x2", help="the shipped config to measure (t4x2, t4x2-lora)")
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps; the last one is measured")
     parser.add_argument("--prompt-length", type=int, default=256, help="tokens per prompt (t4x2: up to 256)")
     parser.add_argument("--workdir", default=None, help="model and data cache (default: qmath's cache dir)")
@@ -249,14 +255,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     libraries = meter.current() if device.type == "cpu" else 0
     workdir = Path(args.workdir) if args.workdir else cache_dir() / "benchmark-memory"
     workdir.mkdir(parents=True, exist_ok=True)
-    config = SMALL if args.small else QWEN25_05B
-    model = build_model(workdir / ("qwen2-small-random" if args.small else "qwen2.5-0.5b-random"), config,
+    import yaml
+
+    from qmath.cli import resolve_config
+
+    base = yaml.safe_load(Path(resolve_config(args.config)).read_text())["model"]["model_name_or_path"]
+    size = "1.5b" if "1.5B" in base else "0.5b"  # the shipped configs' two models
+    config = SMALL if args.small else QWEN25_15B if size == "1.5b" else QWEN25_05B
+    model = build_model(workdir / ("qwen2-small-random" if args.small else f"qwen2.5-{size}-random"), config,
                         args.tokenizer)
     data = write_prompts(workdir / f"prompts-{args.prompt_length}.jsonl", model, args.prompt_length)
 
     probe = Probe(meter)
     seen = install(probe, args.logits, args.prompt_sharing == "on")
-    fit = ["fit", "--config", "t4x2", "--model.model_name_or_path", str(model), "--data.path", str(data),
+    fit = ["fit", "--config", args.config, "--model.model_name_or_path", str(model), "--data.path", str(data),
            "--data.num_workers", "0", "--trainer.accelerator", device.type, "--trainer.devices", "1",
            "--trainer.strategy", "auto", "--trainer.max_steps", str(args.steps), "--trainer.logger", "false",
            "--trainer.default_root_dir", str(workdir),
@@ -300,7 +312,7 @@ def report(args: argparse.Namespace, device: torch.device, probe: Probe, seen: d
     lengths = seen["completion_lengths"]
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "logits": args.logits,
-        "prompt_sharing": args.prompt_sharing,
+        "prompt_sharing": args.prompt_sharing, "config": args.config,
         "prompt_length": seen["prompt_length"], "completions": len(lengths),
         "completion_length_mean": sum(lengths) / len(lengths),
         "weights": marks["weights"] / GiB, "reference": marks["reference"] / GiB,
@@ -317,7 +329,7 @@ def report(args: argparse.Namespace, device: torch.device, probe: Probe, seen: d
         "loss_seconds": phases["policy forward"]["seconds"] + phases["backward"]["seconds"]
         + phases["reference forward"]["seconds"],
     }
-    print(f"\nqmath memory benchmark: {result['device']}, logits={args.logits}, prompt sharing "
+    print(f"\nqmath memory benchmark: {result['device']}, --config {args.config}, logits={args.logits}, prompt sharing "
           f"{args.prompt_sharing}, {len(lengths)} completions x "
           f"({result['prompt_length']} prompt + {result['completion_length_mean']:.0f} completion) tokens")
     print("| component | GiB |\n|---|---:|")

@@ -111,10 +111,15 @@ class RunSummary(Callback):
         source = hp.model_name_or_path + (f" ({resolved})" if resolved and resolved != hp.model_name_or_path else "")
         world = trainer.world_size
         reference = stage == "fit" and hp.beta != 0  # loaded in the module's on_fit_start, after this hook
+        lora = bool(hp.get("lora_r"))
+        frozen = sum(p.numel() * p.element_size() for p in pl_module.parameters() if not p.requires_grad)
         lines = [f"qmath {stage}:",
                  f"  model        {source}",
                  f"  parameters   {count(params)} ({count(trainable)} trainable)"
-                 + (f"; a frozen copy is the KL reference (beta {hp.beta})" if reference else ""),
+                 + (f"; a frozen copy is the KL reference (beta {hp.beta})" if reference and not lora else "")
+                 + (f"; LoRA r={hp.lora_r}, alpha={hp.lora_alpha} on {hp.lora_target_modules}" if lora else "")
+                 + (f"; the KL reference (beta {hp.beta}) is the base with the adapters off: no copy loaded, "
+                    f"{frozen / 2**30:.2f} GiB saved" if reference and lora else ""),
                  f"  devices      {world} x {trainer.strategy.root_device.type} ({type(trainer.strategy).__name__}, "
                  f"{trainer.num_nodes} node(s)), precision {trainer.precision}"]
         if stage == "fit":

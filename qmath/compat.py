@@ -42,8 +42,8 @@ def enable_activation_checkpointing(model: Any) -> None:
 
 def checkpointing_can_keep_cache() -> bool:
     """Whether a checkpointed layer can be handed a KV cache: transformers >= 5.2x's ``_can_checkpoint_with_cache``
-    switch. Before it, a checkpointed layer silently drops the cache it is given, so a completion would lose its
-    prompt; callers then keep the plain path."""
+    switch (private; tests/test_private_apis.py says when it is gone). Before it, a checkpointed layer silently
+    drops the cache it is given, so a completion would lose its prompt; callers then keep the plain path."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     return hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")

@@ -9,16 +9,19 @@ import torch
 
 from qmath.checkpointing import read_checkpoint
 from qmath.errors import CheckpointError
-from qmath.models import _checked, load_tokenizer, resolve
+from qmath.lora import add_adapters, merged, trainable_keys
+from qmath.models import _checked, load_model, load_tokenizer, resolve
 
 
-def export(ckpt_path: str, out: str) -> Path:
+def export(ckpt_path: str, out: str, adapter: bool = False) -> Path:
     """Write the checkpoint's policy and its tokenizer (with chat template) to ``out``, for ``from_pretrained``.
 
     The architecture comes from the base model's config (``model.model_name_or_path`` as saved in the checkpoint),
-    the weights all from the checkpoint; the base weights are not read.
+    the weights all from the checkpoint; the base weights are not read. A LoRA checkpoint holds adapters only: the
+    base weights are loaded, the adapters folded into them (or, with ``adapter``, written as a PEFT adapter
+    directory, for ``PeftModel.from_pretrained`` over the base model).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     # mapped: the policy's tensors are read once, into the model, and the optimizer state never
     checkpoint = read_checkpoint(ckpt_path, mmap=True)
@@ -26,10 +29,22 @@ def export(ckpt_path: str, out: str) -> Path:
     if "model_name_or_path" not in hparams:
         raise CheckpointError(f"{ckpt_path} is not a qmath checkpoint: it names no model_name_or_path")
     name, remote = hparams["model_name_or_path"], hparams.get("trust_remote_code", False)
-    config = AutoConfig.from_pretrained(_checked(resolve(name)), trust_remote_code=remote)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=remote)
     state = {k.removeprefix("policy."): v for k, v in checkpoint["state_dict"].items() if k.startswith("policy.")}
-    model.load_state_dict(state, strict=True)
+    if hparams.get("lora_r"):
+        model = _with_adapters(name, remote, hparams, state, ckpt_path)
+        if adapter:
+            model.save_pretrained(out)  # adapter_config.json (naming the base model) and the adapter weights
+            load_tokenizer(name, remote).save_pretrained(out)
+            return Path(out)
+        model = merged(model)
+        # as the full-weight path: the config's own ids, not the base checkpoint's sampling settings
+        model.generation_config = GenerationConfig.from_model_config(model.config)
+    elif adapter:
+        raise CheckpointError(f"--adapter: {ckpt_path} was trained without LoRA (model.lora_r 0): it has no adapter")
+    else:
+        config = AutoConfig.from_pretrained(_checked(resolve(name)), trust_remote_code=remote)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=remote)
+        model.load_state_dict(state, strict=True)
     tokenizer = load_tokenizer(name, remote)
     tokenizer.padding_side = "right"  # the usual default; qmath's left padding is for its own batched sampling
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -38,15 +53,30 @@ def export(ckpt_path: str, out: str) -> Path:
     return Path(out)
 
 
+def _with_adapters(name: str, remote: bool, hparams: dict, state: dict, ckpt_path: str):
+    model = add_adapters(load_model(name, remote, dtype=torch.float32), hparams["lora_r"], hparams["lora_alpha"],
+                         hparams["lora_dropout"], hparams["lora_target_modules"])
+    missing = trainable_keys(model) - state.keys()
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt_path}: its adapters do not fit the LoRA settings it names ({len(missing)} "
+                              f"missing, {len(unexpected)} unexpected, e.g. {sorted(missing or unexpected)[0]})")
+    return model.eval()
+
+
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qmath export", description=__doc__.split(":", 1)[1].strip())
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `fit`, e.g. .../last.ckpt")
     parser.add_argument("--out", required=True, help="the directory to write (config, safetensors, tokenizer)")
+    parser.add_argument("--adapter", action="store_true",
+                        help="a LoRA checkpoint: write the PEFT adapter directory instead of the merged model")
     return parser
 
 
 def main(args: list[str]) -> Path:
     options = parser().parse_args(args)
-    out = export(options.ckpt_path, options.out)
-    print(f"qmath: wrote {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    out = export(options.ckpt_path, options.out, options.adapter)
+    how = (f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<its base model>), {str(out)!r})"
+           if options.adapter else f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    print(f"qmath: wrote {out}; load it with {how}")
     return out

@@ -15,6 +15,8 @@ Where this differs from the paper:
   can be replaced by groups of further prompts.
 - A group is the ``num_generations`` completions of one prompt, all sampled on one device, so the group statistics
   need no communication between ranks.
+- Optional LoRA (``lora_r`` > 0, through PEFT): only the adapters train, and the KL reference is the same network
+  with its adapters off, which is exactly the frozen initial model without a second copy of it.
 
 Where each part lives: the rollout is a :class:`qmath.rollout.Rollout`, sampled by :class:`qmath.generation.Sampler`
 (rollout), scored by :mod:`qmath.rewards` (score), turned into advantages and a loss by the pure functions of
@@ -49,6 +51,7 @@ from qmath.evaluation import Answer, grade_batch
 from qmath.generation import MAJ_K, PROMPTS, Backend, Sampler, check_generation_kwargs, ids_only, seed_for
 from qmath.grpo import LossType, ScaleRewards, dapo_num_items, group_advantages, grpo_loss
 from qmath.logprobs import head_is_linear, token_logps
+from qmath.lora import ALL_LINEAR, adapters_off, add_adapters, trainable_keys
 from qmath.metrics import GRADES, grade
 from qmath.models import EMBEDDED_MODEL, download, load_model, load_tokenizer
 from qmath.rewards import Reward, default_rewards, score
@@ -113,6 +116,12 @@ class GRPO(LightningModule):
         rewards: the reward components, each with a name and a weight. ``None``: the five GSM8K rewards
             (xmlcount, soft_format, strict_format, int, correctness), all with weight 1.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
+        lora_r: the rank of LoRA adapters (PEFT) on ``lora_target_modules``; 0 trains every weight. With LoRA only
+            the adapters train, and the KL reference is the same model with its adapters off: no copy is loaded.
+        lora_alpha: LoRA's scale: the adapters' update is multiplied by ``lora_alpha / lora_r``.
+        lora_dropout: dropout on the adapters' input while training.
+        lora_target_modules: the layers that get adapters: PEFT's ``all-linear`` (every linear layer of attention
+            and MLP, not the LM head) or a list of module names such as ``[q_proj, v_proj]``.
         trust_remote_code: allow model repositories to run their own Python code.
         optimizer: the optimizer, given the policy's parameters.
         lr_scheduler: an optional learning-rate schedule, stepped every optimizer step.
@@ -142,6 +151,10 @@ class GRPO(LightningModule):
         max_skipped_steps: int = 3,
         rewards: list[Reward] | None = None,
         gradient_checkpointing: bool = False,
+        lora_r: int = 0,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] | str = ALL_LINEAR,
         trust_remote_code: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -177,6 +190,8 @@ class GRPO(LightningModule):
         self.micro_batches: list[Rollout] = []  # the current rollout, split for accumulation
         self.rollout_stats: dict[str, Tensor] = {}  # its statistics, logged at every step that trains on it
         self.val_records: list[Answer] = []  # this process's graded answers from the latest evaluation
+        # a LoRA checkpoint holds the adapters only; the frozen base weights come from the base model
+        self.strict_loading = lora_r == 0
 
     @property
     def reference(self) -> Any:
@@ -196,6 +211,8 @@ class GRPO(LightningModule):
         self.policy.generation_config = ids_only(self.policy.generation_config)
         if hp.gradient_checkpointing:
             enable_activation_checkpointing(self.policy)
+        if hp.lora_r:
+            self.policy = add_adapters(self.policy, hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules)
         self.sampler = Sampler(self.policy, self.tokenizer, hp.max_completion_length, hp.temperature, hp.top_p,
                                hp.top_k, hp.generation_kwargs, hp.generation_backend)
         self._linear_heads[id(self.policy)] = head_is_linear(self.policy)
@@ -204,7 +221,7 @@ class GRPO(LightningModule):
     def on_fit_start(self) -> None:
         # Only training needs the reference; it is always the base weights, also when fit resumes a checkpoint.
         hp = self.hparams
-        if hp.beta != 0.0 and self.reference is None:
+        if hp.beta != 0.0 and self.reference is None and not hp.lora_r:  # LoRA: the adapters switched off
             # in the policy's dtype: this hook runs outside Lightning's init context, where bf16-true and 16-true
             # would have made the default dtype half precision
             reference = load_model(hp.model_name_or_path, hp.trust_remote_code, dtype=self.policy.dtype)
@@ -212,6 +229,9 @@ class GRPO(LightningModule):
             self._linear_heads[id(reference)] = head_is_linear(reference)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.hparams.lora_r:
+            kept = self._checkpointed_keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in kept}
         bad = non_finite_weights(checkpoint.get("state_dict", {}))
         if bad:
             raise NonFiniteError(f"refusing to save a checkpoint with non-finite weights ({len(bad)} tensors, e.g. "
@@ -224,7 +244,8 @@ class GRPO(LightningModule):
             checkpoint["qmath_rollouts"] = from_every_rank(own, self.trainer.world_size)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        shapes = {k: v.shape for k, v in self.state_dict().items()}
+        kept = self._checkpointed_keys()
+        shapes = {k: v.shape for k, v in self.state_dict().items() if k in kept}
         check_base(checkpoint, self._base, shapes)
         self.skipped_steps = checkpoint.get("qmath_skipped_steps", 0)
         self._rng_states = checkpoint.get("qmath_rng_states")
@@ -239,6 +260,12 @@ class GRPO(LightningModule):
             restore_rng_states(self._rng_states)
             self._rng_states = None
         self.micro_batches = [m.to(self.device) for m in self.micro_batches]
+
+    def _checkpointed_keys(self) -> set[str]:
+        """The weights a checkpoint holds: all of the policy's, or with LoRA its adapters only."""
+        if self.hparams.lora_r:
+            return {f"policy.{k}" for k in trainable_keys(self.policy)}
+        return set(self.state_dict())
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(p for p in self.parameters() if p.requires_grad)
@@ -360,15 +387,22 @@ class GRPO(LightningModule):
             linear = head_is_linear(model)
         return token_logps(model, rollout, self.hparams.temperature, self.hparams.num_generations, linear)
 
+    def reference_logps(self, micro: Rollout) -> Tensor:
+        """The KL reference's log-probs: the frozen copy, or with LoRA the policy with its adapters off."""
+        if self.hparams.lora_r:
+            with adapters_off(self.policy) as base:
+                return self.token_logps(base, micro)
+        return self.token_logps(self.reference, micro)
+
     def loss(self, micro: Rollout) -> Tensor:
         hp = self.hparams
         logps = self.token_logps(self.policy, micro)
         # The first pass over a rollout runs before any optimizer step on it: its log-probs are π_old's.
         if micro.old_logps is None:
             micro.old_logps = logps.detach()
-        if self.reference is not None and micro.ref_logps is None:
+        if micro.ref_logps is None and (self.reference is not None or (hp.lora_r and hp.beta != 0.0)):
             with torch.no_grad():
-                micro.ref_logps = self.token_logps(self.reference, micro)
+                micro.ref_logps = self.reference_logps(micro)
         loss, stats = grpo_loss(logps, micro.old_logps, micro.advantages, micro.loss_mask, micro.ref_logps, hp.beta,
                                 hp.epsilon, hp.epsilon_high, hp.loss_type, hp.max_completion_length, micro.num_items)
         self._log_stats({**stats, "loss": loss})
@@ -486,6 +520,9 @@ _LIMITS = {  # option: (whether a value is possible, what it must be)
     "maj_k": (lambda v: v is None or v >= 2, "at least 2 samples to vote, or null"),
     "max_skipped_steps": (lambda v: v >= 1, "at least 1"),
     "max_sampling_rounds": (lambda v: v >= 0, "at least 0"),
+    "lora_r": (lambda v: v >= 0, "at least 0 (0: no LoRA)"),
+    "lora_alpha": (lambda v: v > 0, "positive"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
 }
 
 

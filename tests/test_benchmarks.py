@@ -16,6 +16,10 @@ def test_only_model_and_data_options_reach_validation():
                "--data.num_few_shot=2"]
     # training-only options would make the baseline look different where it is not
     assert learning.model_and_data_options(options) == ["--model.max_completion_length", "64", "--data.num_few_shot=2"]
+    # a LoRA checkpoint needs its adapter options to load; the untrained base's answers do not depend on them
+    lora = ["--model.lora_r", "16", "--model.lora_alpha=32", *options]
+    assert learning.model_and_data_options(lora)[:3] == ["--model.lora_r", "16", "--model.lora_alpha=32"]
+    assert learning.model_and_data_options(lora, adapters=False) == learning.model_and_data_options(options)
 
 
 def test_rates_and_paired_change_by_hand():

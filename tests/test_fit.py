@@ -143,11 +143,13 @@ def hparams_entries(log_dir: Path) -> int:
                for event in EventFileLoader(str(file)).Load() for value in event.summary.value)
 
 
-def test_resume_continues_from_last(tiny_model, in_tmp):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resume_continues_from_last(tiny_model, in_tmp, lora):
     config = str(tiny_config(in_tmp, tiny_model))
-    four = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "4"]
+    four = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "4",
+            *(["--model.lora_r", "4", "--model.lora_alpha", "8"] if lora else [])]
     straight = main(["fit", "--config", "cpu", "--config", config, *four, "--trainer.logger.init_args.name", "once"])
-    main(["fit", "--config", "cpu", "--config", config])
+    main(["fit", "--config", "cpu", "--config", config, *four[4:]])
     resumed = main(["fit", "--config", "cpu", "--config", config, *four, "--ckpt_path", "last"])
     assert resumed.trainer.global_step == 4
     logged = scalars(in_tmp / "lightning_logs" / "cpu" / "version_1")

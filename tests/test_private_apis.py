@@ -47,3 +47,8 @@ def test_private_attributes_exist(tmp_path):
     assert hasattr(logger, "_default_hp_metric")
     assert callable(getattr(logger.experiment, "_get_file_writer", None))
     assert hasattr(CompileConfig(), "_compile_all_devices")
+    # prompt sharing under activation checkpointing (qmath.compat.cache_kept_under_checkpointing); without it the
+    # loss falls back to the plain path, correct but slower, so this says so
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    assert hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")

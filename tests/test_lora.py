@@ -1,0 +1,134 @@
+"""LoRA through PEFT on the tiny model: only adapters train, the reference is the base with its adapters off (no
+copy loaded), checkpoints hold the adapters, and export folds them in or writes them as a PEFT directory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from qmath.__main__ import main
+from qmath.module import GRPO
+from tests.test_fit import scalars, tiny_config
+from tests.test_logps import grouped_rollout
+
+LORA = ["--model.lora_r", "4", "--model.lora_alpha", "8", "--model.lora_dropout", "0.0"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("lora")
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(directory)
+    try:
+        cli = main(["fit", "--config", "cpu", "--config", str(tiny_config(directory, tiny_model)), *LORA])
+    finally:
+        os.chdir(cwd)
+    return cli, directory
+
+
+def test_only_the_adapters_train_and_no_reference_copy_is_loaded(trained, tiny_model, capsys):
+    cli, directory = trained
+    module = cli.model
+    assert module.reference is None  # the KL reference is the policy with its adapters off
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    trainable = {n for n, p in module.policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    for name, p in module.policy.named_parameters():
+        if not p.requires_grad:  # the frozen base weights are the base model's, untouched
+            plain = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            assert torch.equal(p, base[plain]), name
+    assert any(p.abs().sum() > 0 for n, p in module.policy.named_parameters() if "lora_B" in n)  # B starts at 0
+    logged = scalars(directory / "lightning_logs" / "cpu" / "version_0")
+    assert logged["train/kl"][1][1] > 0  # step 2's policy differs from the base: the adapters moved it
+    checkpoint = torch.load(directory / "lightning_logs" / "cpu" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert set(checkpoint["state_dict"]) == {f"policy.{n}" for n in trainable}  # the adapters, not the base
+    assert len(checkpoint["optimizer_states"][0]["state"]) == len(trainable)
+
+
+def test_the_reference_is_the_base_model(trained, tiny_model):
+    module = trained[0].model
+    base = GRPO(model_name_or_path=str(tiny_model), num_generations=4)
+    base.configure_model()
+    rollout = grouped_rollout(module.policy.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(module.reference_logps(rollout), base.token_logps(base.policy, rollout))
+        # and the adapters are on again afterwards: the trained policy is not the base
+        assert not torch.allclose(module.token_logps(module.policy, rollout), base.token_logps(base.policy, rollout))
+
+
+def test_the_summary_says_what_trains_and_what_the_reference_saves(tiny_model, in_tmp, capsys):
+    main(["fit", "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)), *LORA,
+          "--trainer.max_steps", "1"])
+    out = capsys.readouterr().out
+    assert "trainable); LoRA r=4, alpha=8.0 on all-linear; the KL reference (beta 0.04) is the base with the " \
+           "adapters off: no copy loaded" in out
+
+
+def test_lora_under_checkpointing_shares_prompts_with_the_same_values(tiny_model):
+    from unittest import mock
+
+    module = GRPO(model_name_or_path=str(tiny_model), num_generations=4, gradient_checkpointing=True, lora_r=4,
+                  lora_dropout=0.0)
+    module.configure_model()
+    for name, p in module.policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # adapters that change the output
+    rollout = grouped_rollout(module.policy.config.vocab_size)
+    values = []
+    for share in (True, False):
+        with mock.patch("qmath.logprobs.groups_share_prompts", lambda *a, share=share: share):
+            values.append(module.token_logps(module.policy, rollout))
+            (values[-1] * rollout.completion_mask).sum().backward()
+    torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-5)
+
+
+def test_export_folds_the_adapters_in_or_writes_them(trained, tiny_model, tmp_path):
+    from peft import PeftModel
+
+    cli, directory = trained
+    last = directory / "lightning_logs" / "cpu" / "checkpoints" / "last.ckpt"
+    main(["export", "--ckpt_path", str(last), "--out", str(tmp_path / "merged")])
+    main(["export", "--ckpt_path", str(last), "--out", str(tmp_path / "adapter"), "--adapter"])
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    ids = torch.tensor([[5, 9, 13, 7]])
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": cli.model.tokenizer.pad_token_id}
+    policy = cli.model.policy.eval()
+    with torch.no_grad():
+        expected = policy.generate(input_ids=ids, **kwargs)
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        torch.testing.assert_close(merged.generate(input_ids=ids, **kwargs), expected)
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "adapter")
+        torch.testing.assert_close(adapted.eval().generate(input_ids=ids, **kwargs), expected)
+        torch.testing.assert_close(merged(ids).logits, policy(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_options_are_checked(in_tmp):
+    from qmath.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.lora_r must be at least 0"):
+        GRPO(lora_r=-1)
+    with pytest.raises(ConfigError, match=r"model.lora_dropout must be in \[0, 1\)"):
+        GRPO(lora_dropout=1.0)
+
+
+def test_compiled_decoding_through_adapters_answers_as_eager(qwen_like):
+    """t4x2-lora.yaml decodes with the compiled backend on a GPU: the static cache and the compiled step must see
+    the adapters (one compile on CPU, about 20 s)."""
+    from qmath.generation import Sampler
+
+    module = GRPO(model_name_or_path=str(qwen_like), max_completion_length=12, num_generations=4, lora_r=4,
+                  lora_dropout=0.0)
+    module.configure_model()
+    for name, p in module.policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # adapters that change the answers
+    encoded = module.tokenizer(["Tom has 3 boxes.", "A baker sells 24 muffins?"], return_tensors="pt", padding=True)
+    ids, mask = encoded.input_ids.repeat_interleave(4, 0), encoded.attention_mask.repeat_interleave(4, 0)
+    compiled = Sampler(module.policy, module.tokenizer, 12, temperature=0.8, backend="compiled")
+    eager = module.sampler.generate(ids, mask, greedy=True, group=4)[0]
+    assert torch.equal(compiled.generate(ids, mask, greedy=True, group=4)[0], eager)
+    with module.policy.disable_adapter():
+        assert not torch.equal(module.sampler.generate(ids, mask, greedy=True, group=4)[0], eager)
