@@ -9,7 +9,7 @@ import torch
 
 from qmath.checkpointing import read_checkpoint
 from qmath.errors import CheckpointError
-from qmath.lora import add_adapters, merged, trainable_keys
+from qmath.lora import add_adapters, trainable_keys
 from qmath.models import _checked, load_model, load_tokenizer, resolve
 
 
@@ -36,7 +36,7 @@ def export(ckpt_path: str, out: str, adapter: bool = False) -> Path:
             model.save_pretrained(out)  # adapter_config.json (naming the base model) and the adapter weights
             load_tokenizer(name, remote).save_pretrained(out)
             return Path(out)
-        model = merged(model)
+        model = model.merge_and_unload()  # W + B·A·alpha/r, the plain model again
         # as the full-weight path: the config's own ids, not the base checkpoint's sampling settings
         model.generation_config = GenerationConfig.from_model_config(model.config)
     elif adapter:

@@ -7,8 +7,6 @@ model's identity); the base weights come from ``model.model_name_or_path`` when 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 from qmath.errors import ConfigError
@@ -30,18 +28,6 @@ def add_adapters(model: Any, r: int, alpha: float, dropout: float, target_module
         raise ConfigError(f"model.lora_target_modules {target_modules!r}: {error}") from error
 
 
-@contextlib.contextmanager
-def adapters_off(model: Any) -> Iterator[Any]:
-    """The base model, for as long as the block runs: ``model`` with its adapters disabled."""
-    with model.disable_adapter():
-        yield model
-
-
 def trainable_keys(module: Any) -> set[str]:
     """The state-dict keys of ``module``'s trainable parameters: what a LoRA checkpoint holds of the weights."""
     return {name for name, p in module.named_parameters() if p.requires_grad}
-
-
-def merged(model: Any) -> Any:
-    """The plain model with the adapters folded into its weights (``W + B·A·alpha/r``); ``model`` is consumed."""
-    return model.merge_and_unload()

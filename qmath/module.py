@@ -51,7 +51,7 @@ from qmath.evaluation import Answer, grade_batch
 from qmath.generation import MAJ_K, PROMPTS, Backend, Sampler, check_generation_kwargs, ids_only, seed_for
 from qmath.grpo import LossType, ScaleRewards, dapo_num_items, group_advantages, grpo_loss
 from qmath.logprobs import head_is_linear, token_logps
-from qmath.lora import ALL_LINEAR, adapters_off, add_adapters, trainable_keys
+from qmath.lora import ALL_LINEAR, add_adapters, trainable_keys
 from qmath.metrics import GRADES, grade
 from qmath.models import EMBEDDED_MODEL, download, load_model, load_tokenizer
 from qmath.rewards import Reward, default_rewards, score
@@ -390,8 +390,8 @@ class GRPO(LightningModule):
     def reference_logps(self, micro: Rollout) -> Tensor:
         """The KL reference's log-probs: the frozen copy, or with LoRA the policy with its adapters off."""
         if self.hparams.lora_r:
-            with adapters_off(self.policy) as base:
-                return self.token_logps(base, micro)
+            with self.policy.disable_adapter():  # PEFT's: the base model, for the block's duration
+                return self.token_logps(self.policy, micro)
         return self.token_logps(self.reference, micro)
 
     def loss(self, micro: Rollout) -> Tensor:
