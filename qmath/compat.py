@@ -26,8 +26,10 @@ def repeated_cache(output: Any, repeats: int) -> Any | None:
 
 
 def cache_argument(model: Any) -> str:
-    """What the model's forward calls its KV cache: ``cache`` since transformers 5.x, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """What the model's forward calls its KV cache: ``cache`` since transformers 5.x, ``past_key_values`` before.
+    A PEFT model's forward takes ``**kwargs``: its base model's says."""
+    forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def enable_activation_checkpointing(model: Any) -> None:

@@ -14,7 +14,8 @@ import contextlib
 import copy
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
@@ -103,12 +104,16 @@ class Sampler:
     a few shapes, not one per step, and each prompt is prefilled for each of its copies. ``auto``: compiled on CUDA,
     eager elsewhere (measured: the reference run's step 2.1x faster on an H100; the embedded run's 15% slower on
     CPU, where the decode loop's own overhead is not what compiling removes). Dropout is off while sampling.
+
+    ``merged``: a context in which ``model`` generates through other weights that compute the same function, such
+    as LoRA adapters folded into the base (:class:`qmath.lora.MergedForGeneration`); ``None``: ``model`` as it is.
     """
 
     def __init__(self, model: Any, tokenizer: Any, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int | None = None, generation_kwargs: dict[str, Any] | None = None,
-                 backend: Backend = "eager") -> None:
+                 backend: Backend = "eager", merged: Callable[[], AbstractContextManager] | None = None) -> None:
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
+        self.merged = merged or contextlib.nullcontext
         ids = model.generation_config.eos_token_id
         self.eos_ids = [ids] if isinstance(ids, int) else list(ids or [])
         if tokenizer.eos_token_id not in self.eos_ids:
@@ -125,24 +130,24 @@ class Sampler:
                  group: int = 1) -> tuple[Tensor, Tensor, Tensor]:
         """Completion ids, their mask (through the first EOS) and which completions ended with an EOS."""
         config, device = self.greedy_config if greedy else self.sampling_config, input_ids.device
-        context: Any = contextlib.nullcontext()
-        if self.compiled(device):
+        compiled = self.compiled(device)
+        if compiled:
             input_ids, attention_mask = pad_to_bucket(input_ids, attention_mask, self.tokenizer.pad_token_id)
             if (greedy, device.type) not in self._static:
                 self._static[greedy, device.type] = _static(config, device)
-            config, prefill = self._static[greedy, device.type], {}
-            # The static cache is allocated in the weights' dtype, so decode without autocast (16-mixed, bf16-mixed:
-            # fp32 weights; decoding is bound by launches and bandwidth, not by matmul precision), and without the
-            # checkpointing hook that a full-graph compile cannot trace.
-            context = contextlib.ExitStack()
-            context.enter_context(torch.autocast(device.type, enabled=False))
-            context.enter_context(without_input_require_grads(self.model))
-        else:
-            prefill = shared_prefill(self.model, input_ids, attention_mask, group)
+            config = self._static[greedy, device.type]
         was_training = self.model.training
         self.model.eval()
         try:
-            with context:
+            with contextlib.ExitStack() as context:
+                context.enter_context(self.merged())
+                if compiled:
+                    # The static cache is allocated in the weights' dtype, so decode without autocast (16-mixed,
+                    # bf16-mixed: fp32 weights; decoding is bound by launches and bandwidth, not by matmul
+                    # precision), and without the checkpointing hook that a full-graph compile cannot trace.
+                    context.enter_context(torch.autocast(device.type, enabled=False))
+                    context.enter_context(without_input_require_grads(self.model))
+                prefill = {} if compiled else shared_prefill(self.model, input_ids, attention_mask, group)
                 out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                           generation_config=config, **prefill)
         finally:

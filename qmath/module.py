@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import MaxMetric, MeanMetric, MinMetric, SumMetric
@@ -51,7 +52,7 @@ from qmath.evaluation import Answer, grade_batch
 from qmath.generation import MAJ_K, PROMPTS, Backend, Sampler, check_generation_kwargs, ids_only, seed_for
 from qmath.grpo import LossType, ScaleRewards, dapo_num_items, group_advantages, grpo_loss
 from qmath.logprobs import head_is_linear, token_logps
-from qmath.lora import ALL_LINEAR, add_adapters, trainable_keys
+from qmath.lora import ALL_LINEAR, MergedForGeneration, add_adapters, trainable_keys
 from qmath.metrics import GRADES, grade
 from qmath.models import EMBEDDED_MODEL, download, load_model, load_tokenizer
 from qmath.rewards import Reward, default_rewards, score
@@ -122,6 +123,9 @@ class GRPO(LightningModule):
         lora_dropout: dropout on the adapters' input while training.
         lora_target_modules: the layers that get adapters: PEFT's ``all-linear`` (every linear layer of attention
             and MLP, not the LM head) or a list of module names such as ``[q_proj, v_proj]``.
+        lora_merge_for_generation: generate with the adapters folded into the base weights (one matmul per layer
+            instead of three, the same policy), restoring the base bit for bit from a copy in host memory (as much
+            host memory as the adapted layers' weights). Not under FSDP, whose weights are sharded.
         trust_remote_code: allow model repositories to run their own Python code.
         optimizer: the optimizer, given the policy's parameters.
         lr_scheduler: an optional learning-rate schedule, stepped every optimizer step.
@@ -155,6 +159,7 @@ class GRPO(LightningModule):
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.05,
         lora_target_modules: list[str] | str = ALL_LINEAR,
+        lora_merge_for_generation: bool = True,
         trust_remote_code: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -211,10 +216,13 @@ class GRPO(LightningModule):
         self.policy.generation_config = ids_only(self.policy.generation_config)
         if hp.gradient_checkpointing:
             enable_activation_checkpointing(self.policy)
+        merged = None
         if hp.lora_r:
             self.policy = add_adapters(self.policy, hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules)
+            if hp.lora_merge_for_generation and not isinstance(getattr(self._trainer, "strategy", None), FSDPStrategy):
+                merged = MergedForGeneration(self.policy)
         self.sampler = Sampler(self.policy, self.tokenizer, hp.max_completion_length, hp.temperature, hp.top_p,
-                               hp.top_k, hp.generation_kwargs, hp.generation_backend)
+                               hp.top_k, hp.generation_kwargs, hp.generation_backend, merged)
         self._linear_heads[id(self.policy)] = head_is_linear(self.policy)
         self._base = base_identity(hp.model_name_or_path, self.tokenizer)  # what a checkpoint's weights only fit
 

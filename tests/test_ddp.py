@@ -119,6 +119,20 @@ def test_ddp_resume_repeats_the_uninterrupted_run(ddp_run, tiny_model, in_tmp):
         assert after[rank]["checksum"] == pytest.approx(uninterrupted[rank]["checksum"], rel=1e-6, abs=1e-6)
 
 
+def test_ddp_trains_the_same_adapters_on_both_ranks(tiny_model, in_tmp):
+    from tests.test_lora import LORA
+
+    run = fit(in_tmp, "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)), *DDP, *SMALL, *LORA,
+              "--trainer.max_steps", "2", "--trainer.val_check_interval", "2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = ranks(in_tmp)
+    assert records[0]["checksum"] == pytest.approx(records[1]["checksum"], rel=1e-6, abs=1e-6)
+    assert not set(records[0]["steps"][1]["question"]) & set(records[1]["steps"][1]["question"])
+    assert scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")["train/kl"][1][1] > 0  # the adapters moved
+    checkpoint = torch.load(in_tmp / "lightning_logs" / "cpu" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["state_dict"] and all("lora_" in k for k in checkpoint["state_dict"])
+
+
 def test_ddp_logs_trl_reward_std_and_length_extremes_over_both_ranks(ddp_run):
     records, logged = ranks(ddp_run), scalars(ddp_run / "lightning_logs" / "cpu" / "version_0")
     for step in range(3):

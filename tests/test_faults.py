@@ -18,6 +18,7 @@ from qmath.errors import ModelError
 from qmath.module import NonFiniteError
 from tests.conftest import ROOT
 from tests.test_fit import scalars, tiny_config
+from tests.test_lora import LORA
 
 POISON: dict[str, set[int]] = {"grad": set(), "loss": set()}  # optimizer steps (global_step) to poison
 
@@ -43,7 +44,7 @@ class Poison(Callback):
         self.weights.append(torch.cat([p.detach().flatten() for p in pl_module.policy.parameters()]).clone())
 
 
-def poisoned_fit(tmp: Path, model: Path, steps: int, **poison: set[int]) -> tuple[object, Poison]:
+def poisoned_fit(tmp: Path, model: Path, steps: int, *options: str, **poison: set[int]) -> tuple[object, Poison]:
     POISON.update({"grad": set(), "loss": set(), **poison})
     path = tiny_config(tmp, model)
     config = yaml.safe_load(path.read_text())
@@ -51,16 +52,17 @@ def poisoned_fit(tmp: Path, model: Path, steps: int, **poison: set[int]) -> tupl
     path.write_text(yaml.safe_dump(config))
     try:
         cli = main(["fit", "--config", "cpu", "--config", str(path), "--trainer.max_steps", str(steps),
-                    "--trainer.val_check_interval", str(steps)])
+                    "--trainer.val_check_interval", str(steps), *options])
     finally:
         POISON.update({"grad": set(), "loss": set()})
     recorder = next(c for c in cli.trainer.callbacks if isinstance(c, Poison))
     return cli, recorder
 
 
-@pytest.mark.parametrize("where", ["grad", "loss"])
-def test_a_non_finite_step_is_skipped_and_counted(tiny_model, in_tmp, where):
-    cli, recorder = poisoned_fit(in_tmp, tiny_model, 4, **{where: {1}})
+@pytest.mark.parametrize(("where", "options"), [("grad", []), ("loss", []), ("grad", LORA)],
+                         ids=["grad", "loss", "lora"])
+def test_a_non_finite_step_is_skipped_and_counted(tiny_model, in_tmp, where, options):
+    cli, recorder = poisoned_fit(in_tmp, tiny_model, 4, *options, **{where: {1}})
     w = recorder.weights
     assert torch.equal(w[1], w[0])  # step 2 changed nothing
     assert not torch.equal(w[2], w[1]) and all(torch.isfinite(x).all() for x in w)  # and training went on

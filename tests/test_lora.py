@@ -132,3 +132,72 @@ def test_compiled_decoding_through_adapters_answers_as_eager(qwen_like):
     assert torch.equal(compiled.generate(ids, mask, greedy=True, group=4)[0], eager)
     with module.policy.disable_adapter():
         assert not torch.equal(module.sampler.generate(ids, mask, greedy=True, group=4)[0], eager)
+
+
+def _adapted(model_path, **options):
+    options = {"lora_dropout": 0.0} | options
+    module = GRPO(model_name_or_path=str(model_path), num_generations=4, max_completion_length=10, temperature=1.0,
+                  lora_r=4, **options)
+    module.configure_model()
+    for name, p in module.policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # adapters that change the output
+    return module
+
+
+def test_merged_generation_samples_the_trained_policy_and_restores_the_base_bit_for_bit(tiny_model):
+    from qmath.compat import cache_argument
+    from qmath.generation import Sampler
+
+    module = _adapted(tiny_model)
+    policy, merged = module.policy, module.sampler.merged
+    base = {n: p.detach().clone() for n, p in policy.named_parameters() if not p.requires_grad}
+    ids = torch.tensor([[5, 9, 13, 7, 2, 11]] * 8)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        policy.eval()
+        expected = policy(input_ids=ids).logits
+        with merged():
+            folded = policy(input_ids=ids).logits
+            assert any(not torch.equal(base[n], p) for n, p in policy.named_parameters() if not p.requires_grad)
+        torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)  # the same function, one matmul a layer
+        for name, p in policy.named_parameters():
+            if not p.requires_grad:
+                assert torch.equal(p, base[name]), name  # restored exactly, not by subtracting the update again
+        torch.testing.assert_close(policy(input_ids=ids).logits, expected, rtol=0, atol=0)  # adapters on again
+    unmerged = Sampler(policy, module.tokenizer, 10, temperature=1.0)
+    for seed in range(3):  # seeded draws: the same completions as sampling through the unmerged adapters
+        assert torch.equal(module.sampler.generate_seeded(ids, mask, seed, group=4)[0],
+                           unmerged.generate_seeded(ids, mask, seed, group=4)[0])
+    # the shared prefill hands generate its cache under the base model's name (PEFT's forward takes **kwargs)
+    assert cache_argument(policy) == cache_argument(policy.get_base_model())
+    with policy.disable_adapter():  # the caller asked for the base: nothing is folded in
+        base_answers = module.sampler.generate(ids, mask, greedy=True)[0]
+    plain = GRPO(model_name_or_path=str(tiny_model), num_generations=4, max_completion_length=10)
+    plain.configure_model()
+    assert torch.equal(base_answers, plain.sampler.generate(ids, mask, greedy=True)[0])
+
+
+def test_merged_generation_is_an_option(tiny_model):
+    from qmath.lora import MergedForGeneration
+
+    assert isinstance(_adapted(tiny_model).sampler.merged, MergedForGeneration)
+    assert not isinstance(_adapted(tiny_model, lora_merge_for_generation=False).sampler.merged, MergedForGeneration)
+
+
+def test_rollouts_in_training_mode_prefill_the_prompts_without_adapter_dropout(tiny_model):
+    """Rollouts run while the policy is in training mode; the shared prompt prefill must run in eval mode as
+    generate does, or LoRA's dropout perturbs the prompts' KV cache (and sampling depends on whether it is shared)."""
+    from unittest import mock
+
+    import qmath.generation
+
+    module = _adapted(tiny_model, lora_dropout=0.5, lora_merge_for_generation=False)
+    r = grouped_rollout(module.policy.config.vocab_size)
+    module.policy.train()
+    completions = []
+    for prefill in (qmath.generation.shared_prefill, lambda *args: {}):
+        with mock.patch.object(qmath.generation, "shared_prefill", prefill):
+            completions.append(module.sampler.generate(r.prompt_ids, r.prompt_mask, greedy=True, group=4)[0])
+    assert torch.equal(*completions)
+    assert module.policy.training  # and training mode is back
