@@ -1,6 +1,6 @@
 """The reference run (configs/t4x2.yaml) on a GPU, in one command: step time by phase, tokens/s, peak memory,
-with eager and compiled decoding, at 32-true and 16-mixed, TRL's GRPOTrainer on the same work, and the hardware
-floor of each phase measured on the same device.
+with eager and compiled decoding, at 32-true and 16-mixed, TRL's GRPOTrainer on the same work, the hardware
+floor of each phase measured on the same device, and the LoRA config (configs/t4x2-lora.yaml) on the same work.
 
     python benchmarks/gpu_check.py --prepare   # where pip works: wheels the GPU machine lacks, and a tokenizer
     python benchmarks/gpu_check.py             # on the GPU: the table, and gpu_check.json under $OUT if set
@@ -14,8 +14,9 @@ overridden (``benchmarks/memory.py`` runs it and times each phase). Each run is 
 ``--memory-gib`` (15, a T4's memory) with ``torch.cuda.set_per_process_memory_fraction``. The first step is a
 warm-up (and, compiled, the compilation); the table gives the median of the others. The TRL run gets the same
 model, prompt and settings (``dapo`` loss, group-scaled advantages, masked truncated completions, temperature 0.9,
-lr 5e-6). The floor is each phase at the device's measured copy bandwidth and fp32 matmul throughput (see
-``floors``).
+lr 5e-6). The LoRA run (``qmath-lora``) is ``--config t4x2-lora``: the Qwen2.5-1.5B-Instruct architecture with
+random weights and rank-16 adapters, compiled decoding with the adapters folded in. The floor is each phase at
+the device's measured copy bandwidth and fp32 matmul throughput (see ``floors``), each run against its own model's.
 
 An H100 capped at 15 GiB is not a T4: it has the T4's memory limit but about 10x its fp32 throughput and 10x its
 memory bandwidth, so the memory figures carry over to a T4 and the times do not (the ratios between phases and
@@ -49,7 +50,9 @@ WHEELS = REPO / ".whl"
 # tensorboard, pandas, pyarrow, xxhash and the rest are there
 CARRIED = ["datasets", "dill", "multiprocess", "jsonargparse", "docstring-parser", "typeshed-client", "torchdata",
            "trl"]
-ROLES = ["qmath 32-true eager", "qmath 32-true compiled", "TRL 32-true", "qmath 16-mixed compiled"]
+ROLES = ["qmath 32-true eager", "qmath 32-true compiled", "TRL 32-true", "qmath 16-mixed compiled",
+         "qmath-lora 32-true compiled"]
+CONFIGS = {"qmath": "t4x2", "qmath-lora": "t4x2-lora"}  # a role's first word: the shipped config it runs
 GiB = 2**30
 
 
@@ -76,11 +79,11 @@ def cap_memory(gib: float) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GiB / total))
 
 
-def run_qmath(args: argparse.Namespace, precision: str, backend: str) -> dict[str, Any]:
+def run_qmath(args: argparse.Namespace, precision: str, backend: str, config: str = "t4x2") -> dict[str, Any]:
     from benchmarks import memory
 
     options = ["--workdir", args.workdir, "--prompt-length", str(args.prompt_length), "--steps", str(args.steps),
-               "--tokenizer", args.tokenizer] + (["--small"] if args.tiny else [])
+               "--tokenizer", args.tokenizer, "--config", config] + (["--small"] if args.tiny else [])
     fit = ["--trainer.precision", precision, "--model.max_completion_length", str(args.length),
            "--model.generation_kwargs", json.dumps({"min_new_tokens": args.length}),
            "--model.generation_backend", backend]
@@ -95,7 +98,7 @@ def run_qmath(args: argparse.Namespace, precision: str, backend: str) -> dict[st
     step = median_after_warmup(history["step"])
     import yaml
 
-    group = yaml.safe_load((REPO / "configs" / "t4x2.yaml").read_text())["model"]["num_generations"]
+    group = yaml.safe_load((REPO / "configs" / f"{config}.yaml").read_text())["model"]["num_generations"]
     return {"step_s": step, "first_step_s": history["step"][0], "phases": phases, "parameters": result["parameters"],
             "head_parameters": result["head_parameters"], "prompts": result["completions"] // group,
             "decode_ms_per_token": 1000 * phases["generate"] / result["completion_length_mean"],
@@ -256,8 +259,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.role:  # inside a child process
         torch.manual_seed(0)
         cap_memory(args.memory_gib)
-        _, precision, *backend = args.role.split()
-        result = run_trl(args) if args.role.startswith("TRL") else run_qmath(args, precision, *backend)
+        name, precision, *backend = args.role.split()
+        result = run_trl(args) if name == "TRL" else run_qmath(args, precision, *backend, config=CONFIGS[name])
         Path(args.out).write_text(json.dumps(result))
         return result
 
@@ -292,16 +295,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if eager["step_s"] > compiled["step_s"]:  # the step at which the compiled run's total time is lower
             report["ratios"]["compiled run overtakes eager after steps"] = 1 + compile_s / (eager["step_s"]
                                                                                            - compiled["step_s"])
-    measured = next((r for r in ok.values() if "parameters" in r), None)
+    measured = next((r for role, r in ok.items() if "parameters" in r and not role.startswith("qmath-lora")), None)
     if measured:
         from benchmarks.floor import floors, hardware
 
         report["hardware"] = hardware()
-        report["floor"] = floors(measured, report["hardware"])
+        report["floor"] = floors(measured, report["hardware"])  # the table's floor row: t4x2's model
         for role, r in ok.items():
-            if "decode_ms_per_token" in r:
+            if "decode_ms_per_token" in r:  # each against its own model's floor
+                floor = floors(r, report["hardware"])["generate"]
                 report["ratios"][f"{role}: decode / bandwidth floor"] = (
-                    r["decode_ms_per_token"] / (1000 * report["floor"]["generate"] / r["completion_length"]))
+                    r["decode_ms_per_token"] / (1000 * floor / r["completion_length"]))
     print_table(report)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(report, indent=1))

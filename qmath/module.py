@@ -16,7 +16,9 @@ Where this differs from the paper:
 - A group is the ``num_generations`` completions of one prompt, all sampled on one device, so the group statistics
   need no communication between ranks.
 - Optional LoRA (``lora_r`` > 0, through PEFT): only the adapters train, and the KL reference is the same network
-  with its adapters off, which is exactly the frozen initial model without a second copy of it.
+  with its adapters off, which is exactly the frozen initial model without a second copy of it. Sampling folds the
+  adapters into the base weights and restores the base from a host copy afterwards, not by subtraction, so that
+  the reference stays bit for bit the initial model.
 
 Where each part lives: the rollout is a :class:`qmath.rollout.Rollout`, sampled by :class:`qmath.generation.Sampler`
 (rollout), scored by :mod:`qmath.rewards` (score), turned into advantages and a loss by the pure functions of

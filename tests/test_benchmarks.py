@@ -94,7 +94,7 @@ def test_vs_trl_times_qmath_and_the_floor_on_the_tiny_model(tiny_model, tmp_path
 def test_gpu_check_runs_its_tiny_mode_on_cpu(tiny_model, tmp_path, monkeypatch):
     from benchmarks import gpu_check
 
-    only = ["qmath 32-true eager", "qmath 32-true compiled"]
+    only = ["qmath 32-true eager", "qmath 32-true compiled", "qmath-lora 32-true compiled"]
     try:
         import trl  # noqa: F401 - an optional extra (vs-trl); without it the TRL run is not made
         only.append("TRL 32-true")
@@ -105,7 +105,7 @@ def test_gpu_check_runs_its_tiny_mode_on_cpu(tiny_model, tmp_path, monkeypatch):
                              "--workdir", str(tmp_path / "work"), "--only", *only])
     runs = report["runs"]
     assert all("error" not in runs[role] for role in only), runs
-    for role in only[:2]:
+    for role in only[:3]:
         run = runs[role]
         assert (run["completions"], run["completion_length"], run["prompt_length"]) == (8, 16, 160)
         assert set(run["phases"]) == {"generate", "reference forward", "policy forward + backward", "optimizer"}
@@ -115,4 +115,7 @@ def test_gpu_check_runs_its_tiny_mode_on_cpu(tiny_model, tmp_path, monkeypatch):
     assert set(report["floor"]) == set(runs["qmath 32-true eager"]["phases"]) and all(report["floor"].values())
     run = runs["qmath 32-true eager"]  # Qwen's vocabulary on a 64-wide model: the head is nearly all of it
     assert 0.9 * run["parameters"] < run["head_parameters"] == 151_936 * 64 < run["parameters"]
+    lora = runs["qmath-lora 32-true compiled"]  # t4x2-lora.yaml: its adapters add parameters to the same model
+    assert lora["parameters"] > run["parameters"] and "qmath-lora 32-true compiled: decode / bandwidth floor" in (
+        report["ratios"])
     assert json.loads((tmp_path / "gpu_check.json").read_text())["runs"].keys() == set(only)
