@@ -161,7 +161,10 @@ def test_merged_generation_samples_the_trained_policy_and_restores_the_base_bit_
         with merged():
             folded = policy(input_ids=ids).logits
             assert any(not torch.equal(base[n], p) for n, p in policy.named_parameters() if not p.requires_grad)
+            fold = [p.clone() for p in policy.parameters() if not p.requires_grad]
         torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)  # the same function, one matmul a layer
+        with torch.autocast("cpu", dtype=torch.bfloat16), merged():  # 16-mixed: the fold stays in fp32
+            assert all(torch.equal(a, p) for a, p in zip(fold, (p for p in policy.parameters() if not p.requires_grad)))
         for name, p in policy.named_parameters():
             if not p.requires_grad:
                 assert torch.equal(p, base[name]), name  # restored exactly, not by subtracting the update again
