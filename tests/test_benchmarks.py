@@ -119,3 +119,13 @@ def test_gpu_check_runs_its_tiny_mode_on_cpu(tiny_model, tmp_path, monkeypatch):
     assert lora["parameters"] > run["parameters"] and "qmath-lora 32-true compiled: decode / bandwidth floor" in (
         report["ratios"])
     assert json.loads((tmp_path / "gpu_check.json").read_text())["runs"].keys() == set(only)
+
+
+@pytest.mark.filterwarnings("ignore:model.generation_kwargs")  # the benchmark forces the length on purpose
+def test_lora_benchmark_times_both_ways_of_sampling(tiny_model):
+    from benchmarks import lora
+
+    report = lora.main(["--model", str(tiny_model), "--length", "6", "--r", "4", "--repeats", "1"])
+    seconds = report["seconds"]
+    assert set(seconds) == {"unmerged", "merged", "fold and restore"} and all(v > 0 for v in seconds.values())
+    assert report["unmerged_over_merged"] == pytest.approx(seconds["unmerged"] / seconds["merged"])
