@@ -14,7 +14,6 @@ the medians are reported, with the fold-and-restore alone timed as many times.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 from functools import partial
@@ -94,5 +93,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        main()
+    main()
