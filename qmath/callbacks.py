@@ -97,6 +97,20 @@ class RunSummary(Callback):
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._print(trainer, pl_module, "predict")
 
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and not getattr(self, "_graphs_said", False):
+            self._graphs_said = True  # after the first validation: every kind of call has been made once
+            self._say_graphs(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._say_graphs(trainer, pl_module)
+
+    @staticmethod
+    def _say_graphs(trainer: Trainer, pl_module: LightningModule) -> None:
+        sampler = getattr(pl_module, "sampler", None)
+        if trainer.is_global_zero and sampler is not None and sampler.compiled(trainer.strategy.root_device):
+            print(f"qmath: {sampler.graph_count()}", flush=True)
+
     def _print(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         lines = self.lines(trainer, pl_module, stage)  # on every rank: trainer.log_dir is a collective under DDP
         if trainer.is_global_zero:
@@ -122,6 +136,10 @@ class RunSummary(Callback):
                     f"{frozen / 2**30:.2f} GiB saved" if reference and lora else ""),
                  f"  devices      {world} x {trainer.strategy.root_device.type} ({type(trainer.strategy).__name__}, "
                  f"{trainer.num_nodes} node(s)), precision {trainer.precision}"]
+        sampler = getattr(pl_module, "sampler", None)
+        if sampler is not None:
+            pl_module.plan_decoding()  # (the module's own hook plans too, after this one)
+            lines.append(f"  decoding     {sampler.describe(trainer.strategy.root_device)}")
         if stage == "fit":
             prompts, accumulate = data.hparams.batch_size, trainer.accumulate_grad_batches
             g = hp.num_generations

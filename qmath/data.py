@@ -278,13 +278,23 @@ class GSM8K(LightningDataModule):
     def predict_dataloader(self) -> StatefulDataLoader:
         return self._held_out_loader(self.predict_rows)
 
+    @property
+    def eval_batch_size(self) -> int:
+        """Problems per held-out batch (validation, test, predict)."""
+        return max(self.hparams.batch_size, 16)
+
+    def longest_prompt(self) -> int:
+        """The most tokens of any prompt set up so far, in any split: what a pre-allocated KV cache must hold."""
+        splits = (self.train_rows, self.val_rows, self.test_rows, self.predict_rows)
+        return max((len(row["input_ids"]) for rows in splits for row in rows), default=0)
+
     def _held_out_loader(self, rows: list[dict[str, Any]]) -> StatefulDataLoader:
         trainer = self.trainer
         dataset, sampler = rows, None
         if trainer is not None and trainer.world_size > 1:
             dataset = Padded(rows)
             sampler = PaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
-        return StatefulDataLoader(dataset, batch_size=max(self.hparams.batch_size, 16), shuffle=False,
+        return StatefulDataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
                                   sampler=sampler, collate_fn=self.collate, num_workers=self.hparams.num_workers)
 
 

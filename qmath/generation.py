@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -27,6 +29,7 @@ from qmath.errors import ConfigError
 from qmath.grpo import completion_mask
 from qmath.rollout import Rollout
 
+log = logging.getLogger(__name__)
 # generate() options qmath sets from its own options: model.temperature, model.max_completion_length, ...
 OWN = {"do_sample": "greedy evaluation and sampled rollouts are chosen by qmath",
        "temperature": "model.temperature", "top_p": "model.top_p", "top_k": "model.top_k",
@@ -40,7 +43,42 @@ HARMLESS = {"use_cache", "cache_implementation", "cache_config", "compile_config
 
 ROLLOUT, PROMPTS, MAJ_K = 0, 1, 2  # what a seeded draw is for: see seed_for
 Backend = Literal["eager", "compiled", "auto"]
-PROMPT_BUCKET = 64  # compiled decoding pads prompts on the left to a multiple of this, so that few shapes compile
+PROMPT_BUCKET = 64  # the planned cache holds the longest prompt rounded up to this, so that the plan rarely changes
+MIN_ROWS = 8  # compiled decoding pads row counts to powers of two from this: decoding reads the weights per token,
+# whatever the rows, so padding a few rows costs little where compiling pays (a GPU)
+
+
+@dataclass(frozen=True)
+class DecodeShapes:
+    """What compiled decoding may compile, fixed before a run starts: one KV-cache length and a few row counts.
+
+    Every new (rows, cache length) shape is a new graph, and torch compiles at most 8 per function before a
+    full-graph compile fails. A run meets many shapes (rollouts, held-out batches, the last partial batch, maj@k,
+    dynamic sampling's refills, prompts of every length), so each call is padded to one of these: the cache always
+    has ``cache_length`` slots, and the rows are padded to the next of ``rows``. A call that fits none decodes
+    eagerly.
+
+    >>> shapes = DecodeShapes.plan(longest_prompt=150, max_new_tokens=96, max_rows=16)
+    >>> shapes.cache_length, shapes.rows, shapes.rows_for(5), shapes.rows_for(17)
+    (288, (8, 16), 8, None)
+    """
+
+    cache_length: int
+    rows: tuple[int, ...]
+
+    @classmethod
+    def plan(cls, longest_prompt: int, max_new_tokens: int, max_rows: int) -> DecodeShapes:
+        top = 1 << max(0, max_rows - 1).bit_length()  # the next power of two
+        rows = tuple(1 << i for i in range(top.bit_length()) if min(MIN_ROWS, top) <= 1 << i <= top)
+        return cls(math.ceil(longest_prompt / PROMPT_BUCKET) * PROMPT_BUCKET + max_new_tokens, rows)
+
+    def rows_for(self, n: int) -> int | None:
+        """The padded row count of a call with ``n`` rows; ``None`` if more than the largest."""
+        return next((r for r in self.rows if r >= n), None)
+
+    def describe(self) -> str:
+        return (f"KV cache {self.cache_length} tokens, rows padded to {'/'.join(map(str, self.rows))}: at most "
+                f"{len(self.rows)} graphs")
 
 
 def check_generation_kwargs(generation_kwargs: dict[str, Any] | None) -> list[str]:
@@ -100,10 +138,11 @@ class Sampler:
     ``backend``: ``eager`` decodes with transformers' dynamic KV cache; rows of ``input_ids`` that come in runs of
     ``group`` copies of one prompt have that prompt prefilled once per run (its KV cache repeated), with the same
     completions as without. ``compiled`` decodes with a static (pre-allocated) KV cache and a ``torch.compile``d
-    decoding step (CUDA graphs on a GPU); prompts are left-padded to a multiple of 64 tokens so that a run compiles
-    a few shapes, not one per step, and each prompt is prefilled for each of its copies. ``auto``: compiled on CUDA,
-    eager elsewhere (measured: the reference run's step 2.1x faster on an H100; the embedded run's 15% slower on
-    CPU, where the decode loop's own overhead is not what compiling removes). Dropout is off while sampling.
+    decoding step (CUDA graphs on a GPU), within the bounded set of shapes of :class:`DecodeShapes` (see
+    :meth:`plan`), and each prompt is prefilled for each of its copies; a call outside that set, or any failure to
+    compile, decodes eagerly instead, with one warning. ``auto``: compiled on CUDA, eager elsewhere (measured: the
+    reference run's step 2.1x faster on an H100; the embedded run's 15% slower on CPU, where the decode loop's own
+    overhead is not what compiling removes). Dropout is off while sampling.
 
     ``merged``: a context in which ``model`` generates through other weights that compute the same function, such
     as LoRA adapters folded into the base (:class:`qmath.lora.MergedForGeneration`); ``None``: ``model`` as it is.
@@ -113,6 +152,7 @@ class Sampler:
                  top_k: int | None = None, generation_kwargs: dict[str, Any] | None = None,
                  backend: Backend = "eager", merged: Callable[[], AbstractContextManager] | None = None) -> None:
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
+        self.max_new_tokens = max_new_tokens
         self.merged = merged or contextlib.nullcontext
         ids = model.generation_config.eos_token_id
         self.eos_ids = [ids] if isinstance(ids, int) else list(ids or [])
@@ -124,18 +164,37 @@ class Sampler:
         self.sampling_config = generation_config(**options, greedy=False, temperature=temperature, top_p=top_p,
                                                  top_k=top_k, generation_kwargs=generation_kwargs)
         self._static: dict[tuple[bool, str], GenerationConfig] = {}  # their compiled-backend copies, per device
+        self.shapes: DecodeShapes | None = None  # what compiled decoding may compile; see plan
+        self.graphs: set[tuple[int, int]] = set()  # the (rows, cache length) shapes compiled so far
+        self.compile_error: str | None = None  # why compiling failed, after which every call decodes eagerly
+        self._warned_outside = False
+
+    def plan(self, longest_prompt: int, max_rows: int) -> DecodeShapes:
+        """Fix the shapes compiled decoding may compile: a cache for prompts of up to ``longest_prompt`` tokens
+        and calls of up to ``max_rows`` rows, called before a run starts. A plan only grows: what an earlier
+        plan covered stays covered."""
+        if self.shapes is not None:
+            longest_prompt = max(longest_prompt, self.shapes.cache_length - self.max_new_tokens)
+            max_rows = max(max_rows, self.shapes.rows[-1])
+        self.shapes = DecodeShapes.plan(longest_prompt, self.max_new_tokens, max_rows)
+        return self.shapes
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, greedy: bool = False,
                  group: int = 1) -> tuple[Tensor, Tensor, Tensor]:
         """Completion ids, their mask (through the first EOS) and which completions ended with an EOS."""
-        config, device = self.greedy_config if greedy else self.sampling_config, input_ids.device
-        compiled = self.compiled(device)
-        if compiled:
-            input_ids, attention_mask = pad_to_bucket(input_ids, attention_mask, self.tokenizer.pad_token_id)
-            if (greedy, device.type) not in self._static:
-                self._static[greedy, device.type] = _static(config, device)
-            config = self._static[greedy, device.type]
+        out = None
+        if self.compiled(input_ids.device):
+            out = self._compiled_generate(input_ids, attention_mask, greedy)
+        if out is None:
+            out = self._generate(input_ids, attention_mask, self.greedy_config if greedy else self.sampling_config,
+                                 group)
+        completion_ids = out[:, input_ids.size(1):]
+        mask, terminated = completion_mask(completion_ids, self.eos_ids)
+        return completion_ids, mask, terminated
+
+    def _generate(self, input_ids: Tensor, attention_mask: Tensor, config: GenerationConfig, group: int = 1,
+                  compiled: bool = False) -> Tensor:
         was_training = self.model.training
         self.model.eval()
         try:
@@ -145,20 +204,73 @@ class Sampler:
                     # The static cache is allocated in the weights' dtype, so decode without autocast (16-mixed,
                     # bf16-mixed: fp32 weights; decoding is bound by launches and bandwidth, not by matmul
                     # precision), and without the checkpointing hook that a full-graph compile cannot trace.
-                    context.enter_context(torch.autocast(device.type, enabled=False))
+                    # Always in inference mode: the grad mode is part of a compiled graph's key, and Lightning
+                    # validates in inference mode but trains (and samples rollouts) in no_grad.
+                    context.enter_context(torch.autocast(input_ids.device.type, enabled=False))
                     context.enter_context(without_input_require_grads(self.model))
+                    context.enter_context(torch.inference_mode())
+                # after eval(): in training mode, LoRA's dropout would perturb the prompts' cache
                 prefill = {} if compiled else shared_prefill(self.model, input_ids, attention_mask, group)
                 out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                           generation_config=config, **prefill)
         finally:
             self.model.train(was_training)
-        completion_ids = out[:, input_ids.size(1):]
-        mask, terminated = completion_mask(completion_ids, self.eos_ids)
-        return completion_ids, mask, terminated
+        return out.clone() if compiled else out  # an inference-mode tensor cannot be saved for backward later
+
+    def _compiled_generate(self, input_ids: Tensor, attention_mask: Tensor, greedy: bool) -> Tensor | None:
+        """``generate`` through the compiled decoding step, in one of the planned shapes; ``None`` where the call
+        fits none of them or compiling failed (now or before): the caller then decodes eagerly."""
+        if self.compile_error is not None:
+            return None
+        rows, width = input_ids.shape
+        if self.shapes is None:  # not planned by the caller: plan from the first call
+            self.plan(width, rows)
+        shapes = self.shapes
+        padded = shapes.rows_for(rows)
+        if padded is None or width + self.max_new_tokens > shapes.cache_length:
+            if not self._warned_outside:
+                self._warned_outside = True
+                log.warning("compiled decoding: a call of %d rows with %d-token prompts is outside the planned "
+                            "shapes (%s); it and any others like it decode eagerly", rows, width, shapes.describe())
+            return None
+        device = input_ids.device
+        if (greedy, device.type) not in self._static:
+            base = self.greedy_config if greedy else self.sampling_config
+            self._static[greedy, device.type] = _static(base, device, shapes.cache_length)
+        config = self._static[greedy, device.type]
+        if config.max_cache_len != shapes.cache_length:  # the plan grew
+            config.max_cache_len = shapes.cache_length
+        extra = padded - rows  # copies of the last row, dropped from the result
+        ids, mask = (torch.cat([x, x[-1:].expand(extra, -1)]) if extra else x for x in (input_ids, attention_mask))
+        try:
+            out = self._generate(ids, mask, config, compiled=True)
+        except Exception as error:  # noqa: BLE001 - whatever broke the compile, the run goes on eagerly
+            self.compile_error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
+            log.warning("compiled decoding failed (%s); decoding eagerly from now on. Set "
+                        "model.generation_backend: eager to skip compiling.", self.compile_error)
+            return None
+        self.graphs.add((padded, shapes.cache_length))
+        return out[:rows]
 
     def compiled(self, device: torch.device) -> bool:
         """Whether generation on ``device`` runs compiled (see ``backend``)."""
         return self.backend == "compiled" or (self.backend == "auto" and device.type == "cuda")
+
+    def describe(self, device: torch.device) -> str:
+        """How generation on ``device`` decodes, for the start-up summary."""
+        if not self.compiled(device):
+            return "eager (transformers' dynamic KV cache; each prompt prefilled once per group)"
+        if self.compile_error:
+            return f"eager: compiling failed ({self.compile_error})"
+        planned = self.shapes.describe() if self.shapes else "shapes planned at the first call"
+        return f"compiled (static KV cache, torch.compile'd decode step{', CUDA graphs' * (device.type == 'cuda')}); " \
+               f"{planned}"
+
+    def graph_count(self) -> str:
+        """How many graphs compiled decoding has compiled, against its bound."""
+        bound = f" (at most {len(self.shapes.rows)})" if self.shapes else ""
+        failed = f"; compiling failed, decoding eagerly: {self.compile_error}" if self.compile_error else ""
+        return f"compiled decoding: {len(self.graphs)} graph(s){bound}{failed}"
 
     def generate_seeded(self, input_ids: Tensor, attention_mask: Tensor, seed: int,
                         group: int = 1) -> tuple[Tensor, Tensor, Tensor]:
@@ -198,25 +310,10 @@ class Sampler:
         return self.decode(completion_ids, mask, prefixes), mask.sum(dim=1)
 
 
-def pad_to_bucket(input_ids: Tensor, attention_mask: Tensor, pad_id: int,
-                  bucket: int = PROMPT_BUCKET) -> tuple[Tensor, Tensor]:
-    """Prompts left-padded to the next multiple of ``bucket`` tokens (positions come from the mask, so the model
-    sees the same sequence).
-
-    >>> ids, mask = pad_to_bucket(torch.tensor([[5, 6, 7]]), torch.tensor([[1, 1, 1]]), 0, bucket=4)
-    >>> ids.tolist(), mask.tolist()
-    ([[0, 5, 6, 7]], [[0, 1, 1, 1]])
-    """
-    extra = math.ceil(input_ids.size(1) / bucket) * bucket - input_ids.size(1)
-    if not extra:
-        return input_ids, attention_mask
-    pad = torch.nn.functional.pad
-    return pad(input_ids, (extra, 0), value=pad_id), pad(attention_mask, (extra, 0), value=0)
-
-
-def _static(config: GenerationConfig, device: torch.device) -> GenerationConfig:
-    """``config`` with a static KV cache and a compiled decoding step (transformers compiles it by itself on CUDA,
-    and on any device when told to)."""
+def _static(config: GenerationConfig, device: torch.device, cache_length: int) -> GenerationConfig:
+    """``config`` with a static KV cache of ``cache_length`` slots for every call (``max_cache_len``, so that
+    transformers does not resize it to each call's prompts) and a compiled decoding step (transformers compiles it by
+    itself on CUDA, and on any device when told to)."""
     compile_config = CompileConfig(fullgraph=True, dynamic=False)
     if device.type != "cuda":
         # transformers' private switch for compiling off CUDA; if it goes, the compiled backend's CPU test fails
@@ -224,16 +321,20 @@ def _static(config: GenerationConfig, device: torch.device) -> GenerationConfig:
         compile_config.mode = "default"  # reduce-overhead means CUDA graphs
     static = copy.deepcopy(config)
     static.cache_implementation, static.compile_config, static.disable_compile = "static", compile_config, False
+    static.max_cache_len = cache_length
     return static
 
 
-def grouped(prompt_ids: Tensor, g: int) -> bool:
-    """Whether the rows come in runs of ``g`` copies of one prompt."""
+def grouped(prompt_ids: Tensor, g: int, prompt_mask: Tensor | None = None) -> bool:
+    """Whether the rows come in runs of ``g`` copies of one prompt (and of its mask, if given)."""
     rows = prompt_ids.size(0)
     if g < 2 or rows % g:
         return False
-    runs = prompt_ids.view(rows // g, g, -1)
-    return bool((runs == runs[:, :1]).all())
+    for x in (prompt_ids, prompt_mask) if prompt_mask is not None else (prompt_ids,):
+        runs = x.reshape(rows // g, g, -1)
+        if not bool((runs == runs[:, :1]).all()):
+            return False
+    return True
 
 
 @torch.no_grad()
@@ -243,7 +344,8 @@ def shared_prefill(model: Any, input_ids: Tensor, attention_mask: Tensor, group:
     The cache covers all but each prompt's last token, which ``generate`` then runs itself (it needs one token to
     start from). ``{}`` when the rows are not groups of one prompt or the model returns no cache.
     """
-    if input_ids.size(1) < 2 or not grouped(input_ids, group):  # (generation runs in eval: a cache either way)
+    # (generation runs in eval: a cache either way)
+    if input_ids.size(1) < 2 or not grouped(input_ids, group, attention_mask):
         return {}
     ids, mask = input_ids[::group, :-1], attention_mask[::group, :-1]
     out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),

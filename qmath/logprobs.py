@@ -41,7 +41,7 @@ def token_logps(model: Any, rollout: Rollout, temperature: float, group: int, li
               "use_cache": False}
     if linear_head:  # never materialise [B, T, V] logits: see chunked_token_logps
         hidden = None
-        if groups_share_prompts(model, rollout.prompt_ids, group):
+        if groups_share_prompts(model, rollout.prompt_ids, group, rollout.prompt_mask):
             hidden = shared_prompt_hidden(model.get_decoder(), rollout, position_ids, group)
         if hidden is None:
             hidden = model.get_decoder()(**inputs).last_hidden_state[:, -width - 1:-1]
@@ -51,13 +51,14 @@ def token_logps(model: Any, rollout: Rollout, temperature: float, group: int, li
     return selective_log_softmax(logits, rollout.completion_ids, temperature)
 
 
-def groups_share_prompts(model: Any, prompt_ids: Tensor, g: int) -> bool:
+def groups_share_prompts(model: Any, prompt_ids: Tensor, g: int, prompt_mask: Tensor | None = None) -> bool:
     """Whether each run of ``g`` rows holds one prompt, and the model can run a prompt once for its group.
 
     Under activation checkpointing that needs transformers' ``_can_checkpoint_with_cache`` (before it, checkpointed
     layers drop the cache), so older versions keep the plain path there.
     """
-    return grouped(prompt_ids, g) and (not is_activation_checkpointing(model) or checkpointing_can_keep_cache())
+    return grouped(prompt_ids, g, prompt_mask) and (not is_activation_checkpointing(model)
+                                                    or checkpointing_can_keep_cache())
 
 
 class PromptCache(DynamicCache):

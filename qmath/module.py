@@ -86,8 +86,9 @@ class GRPO(LightningModule):
         top_k: top-k sampling for rollouts (``None``: off).
         generation_backend: how ``generate`` decodes: ``eager`` (a dynamic KV cache, each prompt prefilled once for
             its G copies), ``compiled`` (a static KV cache and a ``torch.compile``d decoding step, CUDA graphs on a
-            GPU; the first steps pay the compilation), or ``auto``: compiled on CUDA, eager on CPU, where compiling
-            was measured not to pay.
+            GPU; the first steps pay the compilation, of at most one graph per padded row count; a call outside the
+            planned shapes, or a failed compile, decodes eagerly with a warning), or ``auto``: compiled on CUDA,
+            eager on CPU, where compiling was measured not to pay.
         generation_kwargs: further ``generate`` arguments for rollouts, as TRL's option of that name, e.g.
             ``{min_new_tokens: 96}``. Nothing else of the model's own ``generation_config.json`` applies (Qwen2.5's
             ``repetition_penalty: 1.1`` would make the sampled distribution differ from the one the loss scores);
@@ -229,6 +230,7 @@ class GRPO(LightningModule):
         self._base = base_identity(hp.model_name_or_path, self.tokenizer)  # what a checkpoint's weights only fit
 
     def on_fit_start(self) -> None:
+        self.plan_decoding()
         # Only training needs the reference; it is always the base weights, also when fit resumes a checkpoint.
         hp = self.hparams
         if hp.beta != 0.0 and self.reference is None and not hp.lora_r:  # LoRA: the adapters switched off
@@ -270,6 +272,26 @@ class GRPO(LightningModule):
             restore_rng_states(self._rng_states)
             self._rng_states = None
         self.micro_batches = [m.to(self.device) for m in self.micro_batches]
+
+    def on_validation_start(self) -> None:
+        self.plan_decoding()
+
+    def on_test_start(self) -> None:
+        self.plan_decoding()
+
+    def on_predict_start(self) -> None:
+        self.plan_decoding()
+
+    def plan_decoding(self) -> None:
+        """Fix compiled decoding's shapes before the first call (:meth:`qmath.generation.Sampler.plan`): a KV cache
+        for the longest prompt of the data, and the most rows any call takes (a rollout, or a held-out batch with
+        its maj@k samples)."""
+        data = getattr(self._trainer, "datamodule", None)
+        if self.sampler is None or not hasattr(data, "longest_prompt"):
+            return  # another data module: the sampler plans from its first call
+        hp = self.hparams
+        rows = max(data.hparams.batch_size * hp.num_generations, data.eval_batch_size * (hp.maj_k or 1))
+        self.sampler.plan(data.longest_prompt(), rows)
 
     def _checkpointed_keys(self) -> set[str]:
         """The weights a checkpoint holds: all of the policy's, or with LoRA its adapters only."""

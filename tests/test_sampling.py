@@ -89,8 +89,28 @@ def test_every_seeded_draw_follows_the_global_seed(tiny_model, monkeypatch):
     assert draws[0] == draws[1] != draws[2]
 
 
-def test_compiled_decoding_samples_as_eager_does_and_compiles_once_for_every_prompt_length(qwen_like):
-    """The compiled backend (static KV cache, torch.compile'd decoding step; CUDA graphs on a GPU) on CPU."""
+def _run_like_calls(tokenizer):
+    """The kinds of generate call a whole run makes, as (rows, prompt width, greedy, grad mode, group): rollouts of
+    2 prompts x G 4 under no_grad, held-out batches of 16 and the last partial one under Lightning's inference_mode,
+    maj@2 batches, dynamic sampling's one-prompt refill, and prompts of several lengths (several 64-token buckets)."""
+    calls = []
+    for width in (13, 70, 140):
+        for rows, greedy, mode, group in ((8, False, torch.no_grad, 4), (16, True, torch.inference_mode, 1),
+                                          (5, True, torch.inference_mode, 1), (32, False, torch.inference_mode, 2),
+                                          (4, False, torch.no_grad, 4)):
+            ids = torch.randint(5, len(tokenizer) - 5, (rows // group, width))
+            mask = torch.ones_like(ids)
+            mask[1::3, : width // 3] = 0  # left padding in some prompts
+            ids[mask == 0] = tokenizer.pad_token_id
+            calls.append((ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0), greedy, mode, group))
+    return calls
+
+
+def test_compiled_decoding_over_a_whole_runs_calls_stays_within_its_planned_graphs(qwen_like):
+    """The compiled backend (static KV cache, torch.compile'd decoding step; CUDA graphs on a GPU) on CPU, over 15
+    calls of 12 distinct (rows, prompt width, grad mode) kinds: it would compile a graph for each, and torch
+    stops a full-graph compile at the 9th. Planned, it compiles one graph per padded row count, and answers
+    as eager decoding does on every call."""
     import torch._dynamo.utils
 
     from qmath.compat import enable_activation_checkpointing
@@ -101,17 +121,51 @@ def test_compiled_decoding_samples_as_eager_does_and_compiles_once_for_every_pro
     eager, tokenizer = module.sampler, module.tokenizer
     compiled = Sampler(module.policy, tokenizer, 12, temperature=0.8, backend="compiled")
     assert not eager.compiled(torch.device("cpu")) and compiled.compiled(torch.device("cpu"))  # auto: eager on CPU
-    batches = [["Tom has 3 boxes.", "A baker sells 24 muffins?"], ["How many pens are left over now?", "Hi"],
-               ["What is 2 + 2?", "Seven cats and dogs."], ["One", "Two apples and three pears, how many?"]]
+    shapes = compiled.plan(longest_prompt=140, max_rows=32)
+    assert shapes.rows == (8, 16, 32) and shapes.cache_length == 192 + 12
     enable_activation_checkpointing(module.policy)  # as t4x2.yaml: its input hook must not break the graph
-    graphs = []
-    for i, questions in enumerate(batches):  # prompts of 13 to 19 tokens: one bucket of 64, one compiled graph
-        encoded = tokenizer(questions, return_tensors="pt", padding=True)
-        ids, mask = encoded.input_ids.repeat_interleave(4, 0), encoded.attention_mask.repeat_interleave(4, 0)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=i == 1):  # as under bf16-mixed, once
-            greedy = compiled.generate(ids, mask, greedy=True, group=4)[0]
-        assert torch.equal(eager.generate(ids, mask, greedy=True, group=4)[0], greedy)
-        sampled = [s.generate_seeded(ids, mask, seed=3, group=4)[0] for s in (eager, compiled)]
-        assert torch.equal(*sampled)  # the same draws from the same logits
-        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-    assert graphs[0] >= 1 and graphs == [graphs[0]] * 4  # compiled at the first batch, never again
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    calls = _run_like_calls(tokenizer)
+    assert len({(ids.shape, mode) for ids, _, _, mode, _ in calls}) > 8
+    for i, (ids, mask, greedy, mode, group) in enumerate(calls):
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=i < 2)  # as under bf16-mixed, twice
+        with mode():
+            if greedy:
+                with autocast:
+                    answers = compiled.generate(ids, mask, greedy=True, group=group)[0]
+                assert torch.equal(answers, eager.generate(ids, mask, greedy=True, group=group)[0])
+            else:
+                with autocast:
+                    drawn = compiled.generate_seeded(ids, mask, seed=i, group=group)[0]
+                if ids.size(0) in shapes.rows:  # unpadded: the same draws from the same logits
+                    assert torch.equal(drawn, eager.generate_seeded(ids, mask, seed=i, group=group)[0])
+    assert compiled.compile_error is None
+    assert compiled.graphs == {(rows, 204) for rows in shapes.rows}
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == len(shapes.rows)
+    assert compiled.graph_count() == "compiled decoding: 3 graph(s) (at most 3)"
+
+
+def test_a_compile_that_fails_decodes_eagerly_with_one_warning(qwen_like, caplog):
+    """A model dynamo cannot trace in one graph (here a hook reads a tensor's value, a graph break): the call, and
+    every later one, decodes eagerly, with one warning; a call outside the planned shapes decodes eagerly too."""
+    from qmath.generation import Sampler
+
+    module = GRPO(model_name_or_path=str(qwen_like), max_completion_length=8, num_generations=4)
+    module.configure_model()
+    compiled = Sampler(module.policy, module.tokenizer, 8, backend="compiled")
+    compiled.plan(longest_prompt=20, max_rows=8)
+    ids = torch.randint(5, 300, (8, 20))
+    mask = torch.ones_like(ids)
+    expected = module.sampler.generate(ids, mask, greedy=True)[0]
+    with caplog.at_level("WARNING", logger="qmath.generation"):
+        long = torch.randint(5, 300, (8, 100))  # a prompt longer than planned: eager
+        assert torch.equal(compiled.generate(long, torch.ones_like(long), greedy=True)[0],
+                           module.sampler.generate(long, torch.ones_like(long), greedy=True)[0])
+        hook = module.policy.model.layers[0].register_forward_pre_hook(lambda m, args: float(args[0].sum()) and None)
+        for _ in range(2):
+            assert torch.equal(compiled.generate(ids, mask, greedy=True)[0], expected)
+        hook.remove()
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and "outside the planned shapes" in warnings[0]
+    assert "compiled decoding failed" in warnings[1] and compiled.compile_error and not compiled.graphs
+    assert "decoding eagerly" in compiled.graph_count()
