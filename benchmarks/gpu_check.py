@@ -50,8 +50,11 @@ WHEELS = REPO / ".whl"
 # tensorboard, pandas, pyarrow, xxhash and the rest are there
 CARRIED = ["datasets", "dill", "multiprocess", "jsonargparse", "docstring-parser", "typeshed-client", "torchdata",
            "trl"]
-ROLES = ["qmath 32-true eager", "qmath 32-true compiled", "TRL 32-true", "qmath 16-mixed compiled",
-         "qmath-lora 32-true compiled"]
+# qmath's own decode loop (eager; compiled: torch.compile'd step, CUDA graphs), transformers' generate (qmath's backend
+# before its loop: eager, and its static cache with a compiled step), TRL, 16-mixed, and the LoRA config
+ROLES = ["qmath 32-true compiled", "qmath 32-true eager", "qmath 32-true transformers-compiled",
+         "qmath 32-true transformers", "TRL 32-true", "qmath 16-mixed compiled", "qmath-lora 32-true compiled"]
+CHECK = "decoding check"  # not timed: what the decode loop gives on this device, in two fresh processes
 CONFIGS = {"qmath": "t4x2", "qmath-lora": "t4x2-lora"}  # a role's first word: the shipped config it runs
 GiB = 2**30
 
@@ -105,7 +108,9 @@ def run_qmath(args: argparse.Namespace, precision: str, backend: str, config: st
             "tokens_per_s": completions / phases["generate"], "peak_allocated_gib": result["peak"],
             "peak_reserved_gib": result["peak_reserved"], "peak_phase": result["peak_phase"],
             "completion_length": result["completion_length_mean"],
-            "completions": result["completions"], "prompt_length": result["prompt_length"]}
+            "completions": result["completions"], "prompt_length": result["prompt_length"],
+            "decoding": result.get("decoding"), "graphs": result.get("graphs"),
+            "compile_error": result.get("compile_error")}
 
 
 def run_trl(args: argparse.Namespace) -> dict[str, Any]:
@@ -167,6 +172,61 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB if cuda else None}
 
 
+def run_decoding_check(args: argparse.Namespace) -> dict[str, Any]:
+    """What qmath's decode loop gives on this device, against transformers' generate and a full forward: greedy
+    answers of the compiled loop (its CUDA graphs on a GPU) and the eager loop equal transformers' on left-padded
+    prompts in groups; sampled tokens' log-probs equal a full forward's; two seeded calls draw the same tokens (the
+    parent compares them across two processes too); a whole run's kinds of call stay within the planned graphs.
+    A 2-layer Qwen2 with peaked (std 0.5) random weights, so that greedy answers do not hang on near-ties."""
+    import hashlib
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from qmath.generation import Sampler
+    from qmath.models import load_tokenizer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(args.tokenizer)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = Qwen2ForCausalLM(config).to(device).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    new = 24
+    samplers = {b: Sampler(model, tokenizer, new, temperature=0.9, top_k=50, backend=b)
+                for b in ("transformers", "eager", "compiled")}
+    samplers["compiled"].plan(longest_prompt=40, max_rows=16)  # rows padded to 8 or 16: two graphs
+    encoded = tokenizer(["Tom has 3 boxes of pens. How many pens?", "Hi", "A baker sells 24 muffins a day."],
+                        return_tensors="pt", padding=True)
+    ids, mask = (x.repeat_interleave(4, 0)[:8].to(device) for x in (encoded.input_ids, encoded.attention_mask))
+    greedy = {b: s.generate(ids, mask, greedy=True, group=4).ids for b, s in samplers.items()}
+    drawn = [samplers["compiled"].generate_seeded(ids, mask, seed=5, group=4) for _ in range(2)]
+    full = torch.cat([ids, drawn[0].ids], dim=1)
+    full_mask = torch.cat([mask, drawn[0].mask], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=full, attention_mask=full_mask,
+                       position_ids=(full_mask.cumsum(1) - 1).clamp(min=0)).logits[:, ids.size(1) - 1:-1].float()
+    scores = logits.reshape(-1, logits.size(-1))
+    for warper in samplers["compiled"].decoders[True].warpers:
+        scores = warper(None, scores)
+    expected = scores.log_softmax(-1).gather(-1, drawn[0].ids.reshape(-1, 1)).view_as(drawn[0].ids) * drawn[0].mask
+    for rows, is_greedy in ((16, True), (5, True), (16, False), (8, False), (4, False)):  # held-out, maj@k, refills
+        more = ids.repeat(4, 1)[:rows]
+        with torch.inference_mode() if is_greedy else torch.no_grad():
+            samplers["compiled"].generate(more, mask.repeat(4, 1)[:rows], greedy=is_greedy)
+    compiled = samplers["compiled"]
+    return {"device": str(device),
+            "greedy compiled == transformers": bool(torch.equal(greedy["compiled"], greedy["transformers"])),
+            "greedy eager == transformers": bool(torch.equal(greedy["eager"], greedy["transformers"])),
+            "seeded draws repeat": bool(torch.equal(drawn[0].ids, drawn[1].ids)),
+            "sampling log-probs vs a full forward (max abs)": float((drawn[0].logps - expected).abs().max()),
+            "seeded tokens": hashlib.sha256(str(drawn[0].ids.tolist()).encode()).hexdigest()[:16],
+            "graphs": len(compiled.graphs), "planned graphs": len(compiled.shapes.rows),
+            "compile error": compiled.compile_error}
+
+
 def median_after_warmup(values: list[float] | tuple) -> float:
     return statistics.median(values[1:] if len(values) > 1 else values)
 
@@ -208,8 +268,8 @@ def print_table(report: dict[str, Any]) -> None:
           f"completions x {report['length']} tokens after a {report['prompt_length']}-token prompt; median of steps "
           f"2..{report['steps']}; {', '.join(f'{k} {v}' for k, v in env['versions'].items() if v)}\n")
     print("| run | step (s) | first step (s) | generate (s) | decode (ms/token) | reference fwd (s) | policy "
-          "fwd+bwd (s) | optimizer (s) | generation tokens/s | peak allocated (GiB) | peak reserved (GiB) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "fwd+bwd (s) | optimizer (s) | generation tokens/s | peak allocated (GiB) | peak reserved (GiB) | graphs |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = dict(runs)
     if "floor" in report:
         f = report["floor"]
@@ -217,14 +277,23 @@ def print_table(report: dict[str, Any]) -> None:
                                   "decode_ms_per_token": 1000 * f["generate"] / report["length"]}
     for role, r in rows.items():
         if "error" in r:
-            print(f"| {role} | failed: {r['error']} |||||||||| ")
+            print(f"| {role} | failed: {r['error']} ||||||||||| ")
             continue
         p = r.get("phases", {})
         cells = [r["step_s"], r.get("first_step_s"), p.get("generate"), r.get("decode_ms_per_token"),
                  p.get("reference forward"), p.get("policy forward + backward"), p.get("optimizer"),
                  r.get("tokens_per_s"), r.get("peak_allocated_gib"), r.get("peak_reserved_gib")]
+        graphs = "-" if r.get("graphs") is None else str(r["graphs"])
+        if r.get("compile_error"):
+            graphs = f"compile failed, eager: {r['compile_error'][:80]}"
         print(f"| {role} | " + " | ".join("-" if c is None else f"{c:.2f}" if c < 100 else f"{c:.0f}"
-                                          for c in cells) + " |")
+                                          for c in cells) + f" | {graphs} |")
+    if "check" in report:
+        check = report["check"]
+        print(f"\ndecoding check ({'passed' if check['passed'] else 'FAILED'}): "
+              + "; ".join(f"{k}: {v}" for k, v in check.items() if k != "passed"))
+    for role, seconds in report.get("compile_s", {}).items():
+        print(f"{role}: compiling (and capturing) took {seconds:.1f} s in the first step")
     if "hardware" in report:
         hw = report["hardware"]
         print(f"measured: copy bandwidth {hw['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, fp32 matmul "
@@ -244,9 +313,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prompt-length", type=int, default=None, help="prompt tokens (default 256; tiny: 64)")
     parser.add_argument("--memory-gib", type=float, default=15.0, help="GPU memory each run may use (a T4's)")
     parser.add_argument("--tokenizer", default=str(WHEELS / "tokenizer"), help="tokenizer directory or name")
-    parser.add_argument("--only", nargs="+", choices=ROLES, default=ROLES, help="which runs")
+    parser.add_argument("--only", nargs="+", choices=[CHECK, *ROLES], default=[CHECK, *ROLES],
+                        help="which runs (the decoding check first: it is quick)")
     parser.add_argument("--workdir", default=None, help="model, prompts and results (default: a temp dir)")
-    parser.add_argument("--role", choices=ROLES, help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=[CHECK, *ROLES], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.prepare:
@@ -259,14 +329,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.role:  # inside a child process
         torch.manual_seed(0)
         cap_memory(args.memory_gib)
-        name, precision, *backend = args.role.split()
-        result = run_trl(args) if name == "TRL" else run_qmath(args, precision, *backend, config=CONFIGS[name])
+        if args.role == CHECK:
+            result = run_decoding_check(args)
+        else:
+            name, precision, *backend = args.role.split()
+            result = run_trl(args) if name == "TRL" else run_qmath(args, precision, *backend, config=CONFIGS[name])
         Path(args.out).write_text(json.dumps(result))
         return result
 
     import tempfile
 
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="qmath-gpu-check-")
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
     args.passed = ["--steps", str(args.steps), "--length", str(args.length), "--prompt-length",
                    str(args.prompt_length), "--memory-gib", str(args.memory_gib), "--tokenizer", args.tokenizer,
                    "--workdir", args.workdir] + (["--tiny"] if args.tiny else [])
@@ -274,6 +348,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "length": args.length, "prompt_length": args.prompt_length, "completions": 8,
                               "runs": {}, "ratios": {}}
     for role in args.only:
+        if role == CHECK:  # twice, in two fresh processes: the second run's seeded draws must be the first's
+            first, second = child(role, args), child(role, args)
+            report["check"] = {**first, "seeded tokens in a fresh process": second.get("seeded tokens")}
+            report["check"]["passed"] = "error" not in first and "error" not in second and all(
+                first[k] for k in first if k.startswith(("greedy", "seeded draws"))) and first[
+                "sampling log-probs vs a full forward (max abs)"] < 1e-3 and first["graphs"] <= first[
+                "planned graphs"] and first["compile error"] is None and first["seeded tokens"] == second[
+                "seeded tokens"]
+            print(f"{role}: {json.dumps(report['check'])}", flush=True)
+            continue
         report["runs"][role] = child(role, args)
         print(f"{role}: {json.dumps(report['runs'][role])}", flush=True)
         if os.environ.get("OUT"):  # what is done so far survives a time limit
@@ -284,17 +368,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, (a, b) in {"qmath (eager) / TRL step time": ("qmath 32-true eager", "TRL 32-true"),
                          "qmath (compiled) / TRL step time": ("qmath 32-true compiled", "TRL 32-true"),
                          "compiled / eager step time": ("qmath 32-true compiled", "qmath 32-true eager"),
+                         "qmath's loop (compiled) / transformers' compiled generate step time": (
+                             "qmath 32-true compiled", "qmath 32-true transformers-compiled"),
+                         "qmath's loop (eager) / transformers' generate step time": (
+                             "qmath 32-true eager", "qmath 32-true transformers"),
                          "16-mixed / 32-true step time (compiled)": ("qmath 16-mixed compiled",
                                                                      "qmath 32-true compiled")}.items():
         if a in step and b in step:
             report["ratios"][name] = step[a] / step[b]
-    if {"qmath 32-true eager", "qmath 32-true compiled"} <= ok.keys():
-        eager, compiled = ok["qmath 32-true eager"], ok["qmath 32-true compiled"]
-        compile_s = compiled["first_step_s"] - compiled["step_s"] - (eager["first_step_s"] - eager["step_s"])
-        report["compile_s"] = compile_s
-        if eager["step_s"] > compiled["step_s"]:  # the step at which the compiled run's total time is lower
-            report["ratios"]["compiled run overtakes eager after steps"] = 1 + compile_s / (eager["step_s"]
-                                                                                           - compiled["step_s"])
+    for eager_role, compiled_role in (("qmath 32-true eager", "qmath 32-true compiled"),
+                                      ("qmath 32-true transformers", "qmath 32-true transformers-compiled")):
+        if {eager_role, compiled_role} <= ok.keys():  # compile (and capture) time: the first step's extra
+            eager, compiled = ok[eager_role], ok[compiled_role]
+            compile_s = compiled["first_step_s"] - compiled["step_s"] - (eager["first_step_s"] - eager["step_s"])
+            report.setdefault("compile_s", {})[compiled_role] = compile_s
+            if eager["step_s"] > compiled["step_s"]:  # the step at which the compiled run's total time is lower
+                report["ratios"][f"{compiled_role} overtakes eager after steps"] = 1 + compile_s / (
+                    eager["step_s"] - compiled["step_s"])
     measured = next((r for role, r in ok.items() if "parameters" in r and not role.startswith("qmath-lora")), None)
     if measured:
         from benchmarks.floor import floors, hardware

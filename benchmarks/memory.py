@@ -128,6 +128,7 @@ def install(probe: Probe, logits: str, prompt_sharing: bool = True) -> dict[str,
         qmath.logprobs.groups_share_prompts = lambda *args: False
 
     def timed_generate(self, *args, **kwargs):
+        seen["sampler"] = self
         with probe.phase("rollout (generate)"):
             out = generate(self, *args, **kwargs)
         seen["completion_lengths"] = out[1].sum(1).tolist()
@@ -329,6 +330,10 @@ def report(args: argparse.Namespace, device: torch.device, probe: Probe, seen: d
         "loss_seconds": phases["policy forward"]["seconds"] + phases["backward"]["seconds"]
         + phases["reference forward"]["seconds"],
     }
+    sampler = seen.get("sampler")
+    if sampler is not None:  # what decoded, and how many graphs it compiled (a failed compile falls back to eager)
+        result |= {"decoding": sampler.mode(device), "graphs": len(sampler.graphs),
+                   "compile_error": sampler.compile_error}
     print(f"\nqmath memory benchmark: {result['device']}, --config {args.config}, logits={args.logits}, prompt sharing "
           f"{args.prompt_sharing}, {len(lengths)} completions x "
           f"({result['prompt_length']} prompt + {result['completion_length_mean']:.0f} completion) tokens")

@@ -60,7 +60,8 @@ class LogCompletions(Callback):
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", "<br>")
+    # every line boundary str.splitlines knows (a sampled \x1e or \u2028 too): one table row per completion
+    return "<br>".join(text.replace("|", "\\|").splitlines())
 
 
 class EndAllRanksOnException(Callback):

@@ -15,6 +15,14 @@ def returned_cache(output: Any) -> Any | None:
     return getattr(output, "cache", None) or getattr(output, "past_key_values", None)
 
 
+def cache_states(cache: Any) -> list[tuple[Any, Any]]:
+    """Each layer's ``(keys, values)`` of a dynamic KV cache: its ``layers`` since transformers 4.54,
+    ``key_cache``/``value_cache`` before."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
 def repeated_cache(output: Any, repeats: int) -> Any | None:
     """The KV cache a forward pass returned, each row repeated ``repeats`` times; ``None`` if it returned none (or
     one of a class that cannot repeat its rows)."""

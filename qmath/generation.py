@@ -15,16 +15,17 @@ import copy
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 from transformers import CompileConfig, GenerationConfig
 
 from qmath.compat import cache_argument, repeated_cache, without_input_require_grads
+from qmath.decoding import Decoder, Sampling, compile_settings
 from qmath.errors import ConfigError
 from qmath.grpo import completion_mask
 from qmath.rollout import Rollout
@@ -42,7 +43,7 @@ HARMLESS = {"use_cache", "cache_implementation", "cache_config", "compile_config
             "prefill_chunk_size"}
 
 ROLLOUT, PROMPTS, MAJ_K = 0, 1, 2  # what a seeded draw is for: see seed_for
-Backend = Literal["eager", "compiled", "auto"]
+Backend = Literal["auto", "eager", "compiled", "transformers", "transformers-compiled"]
 PROMPT_BUCKET = 64  # the planned cache holds the longest prompt rounded up to this, so that the plan rarely changes
 MIN_ROWS = 8  # compiled decoding pads row counts to powers of two from this: decoding reads the weights per token,
 # whatever the rows, so padding a few rows costs little where compiling pays (a GPU)
@@ -132,25 +133,50 @@ def seed_for(step: int, rank: int, round_: int = 0, stream: int = ROLLOUT) -> in
     return (seed if stream == ROLLOUT else seed * 4 + stream) % 2**63
 
 
+class Completions(NamedTuple):
+    """What :meth:`Sampler.generate` returns: completion ids ``[B, T]`` (padded after the first EOS, ``T`` the
+    longest completion), their mask (1 through the first EOS), which ended with an EOS, and each token's log-prob
+    under the distribution it was sampled from (``None`` where transformers' ``generate`` decoded, or greedy)."""
+
+    ids: Tensor
+    mask: Tensor
+    terminated: Tensor
+    logps: Tensor | None = None
+
+
+# What `auto` decodes with on each device type: measured (docs/performance.md). On a GPU the compiled step and its
+# CUDA graph remove the per-token launches that bound decoding; on CPU compiling took 92 s and decoded no faster.
+AUTO = {"cuda": "compiled"}
+
+
 class Sampler:
     """Completions of a causal LM, greedy or sampled from ``softmax(logits / temperature)``: what the loss scores.
 
-    ``backend``: ``eager`` decodes with transformers' dynamic KV cache; rows of ``input_ids`` that come in runs of
-    ``group`` copies of one prompt have that prompt prefilled once per run (its KV cache repeated), with the same
-    completions as without. ``compiled`` decodes with a static (pre-allocated) KV cache and a ``torch.compile``d
-    decoding step (CUDA graphs on a GPU), within the bounded set of shapes of :class:`DecodeShapes` (see
-    :meth:`plan`), and each prompt is prefilled for each of its copies; a call outside that set, or any failure to
-    compile, decodes eagerly instead, with one warning. ``auto``: compiled on CUDA, eager elsewhere (measured: the
-    reference run's step 2.1x faster on an H100; the embedded run's 15% slower on CPU, where the decode loop's own
-    overhead is not what compiling removes). Dropout is off while sampling.
+    ``backend`` (``model.generation_backend``):
+
+    - ``eager``: qmath's decode loop (:mod:`qmath.decoding`): a pre-allocated KV cache, each prompt prefilled once
+      per group of copies, sampling on the device, and each token's sampling log-prob.
+    - ``compiled``: the same loop with its step ``torch.compile``d and, on a GPU, captured as a CUDA graph, within
+      the bounded set of shapes of :class:`DecodeShapes` (see :meth:`plan`); a call outside that set, or any
+      failure to compile, decodes eagerly instead, with one warning.
+    - ``transformers`` and ``transformers-compiled``: transformers' ``generate``, with its dynamic KV cache (each
+      prompt prefilled once per group), or its static cache and compiled decoding step (within the same shapes).
+    - ``auto``: ``compiled`` on CUDA, ``eager`` elsewhere (:data:`AUTO`).
+
+    What qmath's loop does not implement (a ``generation_kwargs`` logits processor other than ``min_new_tokens``,
+    sliding-window or hybrid attention, FSDP's sharded weights) keeps transformers' ``generate``;
+    :meth:`describe` says so. Dropout is off while sampling.
 
     ``merged``: a context in which ``model`` generates through other weights that compute the same function, such
     as LoRA adapters folded into the base (:class:`qmath.lora.MergedForGeneration`); ``None``: ``model`` as it is.
+    ``sharded``: the weights are sharded (FSDP): generating is a collective, whose steps transformers keeps in
+    step across ranks.
     """
 
     def __init__(self, model: Any, tokenizer: Any, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int | None = None, generation_kwargs: dict[str, Any] | None = None,
-                 backend: Backend = "eager", merged: Callable[[], AbstractContextManager] | None = None) -> None:
+                 backend: Backend = "eager", merged: Callable[[], AbstractContextManager] | None = None,
+                 sharded: bool = False) -> None:
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.max_new_tokens = max_new_tokens
         self.merged = merged or contextlib.nullcontext
@@ -168,6 +194,28 @@ class Sampler:
         self.graphs: set[tuple[int, int]] = set()  # the (rows, cache length) shapes compiled so far
         self.compile_error: str | None = None  # why compiling failed, after which every call decodes eagerly
         self._warned_outside = False
+        sampling, rest = Sampling.of(temperature, top_k, top_p, generation_kwargs)
+        distorting = check_generation_kwargs(rest)
+        # why qmath's own loop cannot decode here (transformers' generate does instead); None: it can
+        self.own_loop_unsupported = ("FSDP's sharded weights" if sharded else Decoder.unsupported(model)
+                                     or (f"model.generation_kwargs {distorting}" if distorting else None))
+        self.sharded = sharded
+        self.decoders = {compiled: Decoder(model, self.eos_ids, tokenizer.pad_token_id, max_new_tokens, sampling,
+                                           compiled) for compiled in (False, True)}
+
+    def mode(self, device: torch.device) -> str:
+        """What decodes on ``device``: ``eager`` or ``compiled`` (qmath's loop), or ``transformers`` or
+        ``transformers-compiled`` (see ``backend``)."""
+        mode = AUTO.get(device.type, "eager") if self.backend == "auto" else self.backend
+        if self.sharded:
+            return "transformers"  # compiled decoding through FSDP's layers is not tried
+        if self.own_loop_unsupported and mode in ("eager", "compiled"):
+            return "transformers" if mode == "eager" else "transformers-compiled"
+        return mode
+
+    def compiled(self, device: torch.device) -> bool:
+        """Whether generation on ``device`` tries to run compiled."""
+        return self.mode(device).endswith("compiled")
 
     def plan(self, longest_prompt: int, max_rows: int) -> DecodeShapes:
         """Fix the shapes compiled decoding may compile: a cache for prompts of up to ``longest_prompt`` tokens
@@ -181,45 +229,55 @@ class Sampler:
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, greedy: bool = False,
-                 group: int = 1) -> tuple[Tensor, Tensor, Tensor]:
-        """Completion ids, their mask (through the first EOS) and which completions ended with an EOS."""
+                 group: int = 1) -> Completions:
+        """Completions of each row's prompt; rows in runs of ``group`` copies of one prompt share its prefill."""
+        mode = self.mode(input_ids.device)
         out = None
-        if self.compiled(input_ids.device):
-            out = self._compiled_generate(input_ids, attention_mask, greedy)
+        if mode.endswith("compiled"):
+            out = self._compiled(mode, input_ids, attention_mask, greedy, group)
         if out is None:
-            out = self._generate(input_ids, attention_mask, self.greedy_config if greedy else self.sampling_config,
-                                 group)
-        completion_ids = out[:, input_ids.size(1):]
-        mask, terminated = completion_mask(completion_ids, self.eos_ids)
-        return completion_ids, mask, terminated
+            own = mode in ("eager", "compiled")
+            with self._decoding(input_ids.device, own=own):
+                if own:
+                    out = self.decoders[False].generate(input_ids, attention_mask, greedy, group)
+                else:
+                    config = self.greedy_config if greedy else self.sampling_config
+                    prefill = shared_prefill(self.model, input_ids, attention_mask, group)
+                    out = (self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                               generation_config=config, **prefill)[:, input_ids.size(1):], None)
+        return self._completions(*out, sampled=not greedy)
 
-    def _generate(self, input_ids: Tensor, attention_mask: Tensor, config: GenerationConfig, group: int = 1,
-                  compiled: bool = False) -> Tensor:
+    def _completions(self, ids: Tensor, logps: Tensor | None, sampled: bool) -> Completions:
+        """Out of inference mode (a tensor made there cannot be saved for backward), cut to the longest."""
+        mask, terminated = completion_mask(ids, self.eos_ids)
+        width = max(int(mask.sum(dim=1).max()), 1) if ids.numel() else ids.size(1)
+        logps = logps[:, :width].clone() if logps is not None and sampled else None
+        return Completions(ids[:, :width].clone(), mask[:, :width].clone(), terminated.clone(), logps)
+
+    @contextlib.contextmanager
+    def _decoding(self, device: torch.device, own: bool = False, compiled: bool = False) -> Iterator[None]:
+        """Eval mode (no dropout) and the ``merged`` weights; for qmath's loop and compiled decoding also no
+        autocast (the KV cache is in the weights' dtype; 16-mixed and bf16-mixed have fp32 weights, and decoding is
+        bound by bandwidth and launches, not by matmul precision), no checkpointing input hook (a full-graph compile
+        cannot trace it), and inference mode always (the grad mode is part of a compiled graph's key; Lightning
+        validates in inference mode and trains in no_grad)."""
         was_training = self.model.training
         self.model.eval()
         try:
             with contextlib.ExitStack() as context:
                 context.enter_context(self.merged())
-                if compiled:
-                    # The static cache is allocated in the weights' dtype, so decode without autocast (16-mixed,
-                    # bf16-mixed: fp32 weights; decoding is bound by launches and bandwidth, not by matmul
-                    # precision), and without the checkpointing hook that a full-graph compile cannot trace.
-                    # Always in inference mode: the grad mode is part of a compiled graph's key, and Lightning
-                    # validates in inference mode but trains (and samples rollouts) in no_grad.
-                    context.enter_context(torch.autocast(input_ids.device.type, enabled=False))
+                if own or compiled:
+                    context.enter_context(torch.autocast(device.type, enabled=False))
                     context.enter_context(without_input_require_grads(self.model))
                     context.enter_context(torch.inference_mode())
-                # after eval(): in training mode, LoRA's dropout would perturb the prompts' cache
-                prefill = {} if compiled else shared_prefill(self.model, input_ids, attention_mask, group)
-                out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                          generation_config=config, **prefill)
+                yield
         finally:
             self.model.train(was_training)
-        return out.clone() if compiled else out  # an inference-mode tensor cannot be saved for backward later
 
-    def _compiled_generate(self, input_ids: Tensor, attention_mask: Tensor, greedy: bool) -> Tensor | None:
-        """``generate`` through the compiled decoding step, in one of the planned shapes; ``None`` where the call
-        fits none of them or compiling failed (now or before): the caller then decodes eagerly."""
+    def _compiled(self, mode: str, input_ids: Tensor, attention_mask: Tensor, greedy: bool,
+                  group: int) -> tuple[Tensor, Tensor | None] | None:
+        """Decode through a compiled step, in one of the planned shapes; ``None`` where the call fits none of them
+        or compiling failed (now or before): the caller then decodes eagerly, from the same random state."""
         if self.compile_error is not None:
             return None
         rows, width = input_ids.shape
@@ -234,37 +292,51 @@ class Sampler:
                             "shapes (%s); it and any others like it decode eagerly", rows, width, shapes.describe())
             return None
         device = input_ids.device
-        if (greedy, device.type) not in self._static:
-            base = self.greedy_config if greedy else self.sampling_config
-            self._static[greedy, device.type] = _static(base, device, shapes.cache_length)
-        config = self._static[greedy, device.type]
-        if config.max_cache_len != shapes.cache_length:  # the plan grew
-            config.max_cache_len = shapes.cache_length
-        extra = padded - rows  # copies of the last row, dropped from the result
-        ids, mask = (torch.cat([x, x[-1:].expand(extra, -1)]) if extra else x for x in (input_ids, attention_mask))
+        rng = _rng_state(device)
         try:
-            out = self._generate(ids, mask, config, compiled=True)
+            with self._decoding(device, own=mode == "compiled", compiled=True):
+                if mode == "compiled":
+                    out = self.decoders[True].generate(input_ids, attention_mask, greedy, group, rows=padded,
+                                                       slots=shapes.cache_length, capacity=shapes.rows[-1])
+                else:
+                    with compile_settings():
+                        out = self._transformers_compiled(input_ids, attention_mask, greedy, padded), None
         except Exception as error:  # noqa: BLE001 - whatever broke the compile, the run goes on eagerly
             self.compile_error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
             log.warning("compiled decoding failed (%s); decoding eagerly from now on. Set "
                         "model.generation_backend: eager to skip compiling.", self.compile_error)
+            _set_rng_state(device, rng)
             return None
         self.graphs.add((padded, shapes.cache_length))
-        return out[:rows]
+        return out
 
-    def compiled(self, device: torch.device) -> bool:
-        """Whether generation on ``device`` runs compiled (see ``backend``)."""
-        return self.backend == "compiled" or (self.backend == "auto" and device.type == "cuda")
+    def _transformers_compiled(self, input_ids: Tensor, attention_mask: Tensor, greedy: bool, padded: int) -> Tensor:
+        device = input_ids.device
+        if (greedy, device.type) not in self._static:
+            base = self.greedy_config if greedy else self.sampling_config
+            self._static[greedy, device.type] = _static(base, device, self.shapes.cache_length)
+        config = self._static[greedy, device.type]
+        config.max_cache_len = self.shapes.cache_length  # (a plan only grows)
+        rows, extra = input_ids.size(0), padded - input_ids.size(0)  # copies of the last row, dropped afterwards
+        ids, mask = (torch.cat([x, x[-1:].expand(extra, -1)]) if extra else x for x in (input_ids, attention_mask))
+        return self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:rows, ids.size(1):]
 
     def describe(self, device: torch.device) -> str:
         """How generation on ``device`` decodes, for the start-up summary."""
-        if not self.compiled(device):
-            return "eager (transformers' dynamic KV cache; each prompt prefilled once per group)"
+        mode = self.mode(device)
+        why = f" ({self.own_loop_unsupported} need it)" if self.own_loop_unsupported else ""
+        if mode == "transformers":
+            return f"transformers' generate, dynamic KV cache, each prompt prefilled once per group{why}"
+        if mode == "eager":
+            return "qmath's decode loop, eager (pre-allocated KV cache, each prompt prefilled once per group)"
         if self.compile_error:
             return f"eager: compiling failed ({self.compile_error})"
         planned = self.shapes.describe() if self.shapes else "shapes planned at the first call"
-        return f"compiled (static KV cache, torch.compile'd decode step{', CUDA graphs' * (device.type == 'cuda')}); " \
-               f"{planned}"
+        graphs = ", CUDA graphs" if device.type == "cuda" else ""
+        if mode == "transformers-compiled":
+            return f"transformers' generate, static KV cache, compiled decode step{graphs}{why}; {planned}"
+        return f"qmath's decode loop, compiled{graphs} (pre-allocated KV cache, each prompt prefilled once per " \
+               f"group); {planned}"
 
     def graph_count(self) -> str:
         """How many graphs compiled decoding has compiled, against its bound."""
@@ -272,8 +344,7 @@ class Sampler:
         failed = f"; compiling failed, decoding eagerly: {self.compile_error}" if self.compile_error else ""
         return f"compiled decoding: {len(self.graphs)} graph(s){bound}{failed}"
 
-    def generate_seeded(self, input_ids: Tensor, attention_mask: Tensor, seed: int,
-                        group: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    def generate_seeded(self, input_ids: Tensor, attention_mask: Tensor, seed: int, group: int = 1) -> Completions:
         """Sampled completions drawn from a generator seeded with ``seed``; the global RNGs are left as they were."""
         devices = [input_ids.device] if input_ids.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -290,20 +361,20 @@ class Sampler:
         """``group`` sampled completions per prompt of ``batch``, adjacent."""
         prompt_ids = batch["input_ids"].repeat_interleave(group, dim=0)
         prompt_mask = batch["attention_mask"].repeat_interleave(group, dim=0)
-        completion_ids, mask, terminated = self.generate_seeded(prompt_ids, prompt_mask, seed, group=group)
+        out = self.generate_seeded(prompt_ids, prompt_mask, seed, group=group)
         columns = {k: [v for v in values for _ in range(group)] for k, values in batch.items()
                    if isinstance(values, list)}
-        return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                       completion_mask=mask, terminated=terminated,
-                       texts=self.decode(completion_ids, mask, columns.get("prefix")), columns=columns)
+        return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=out.ids, completion_mask=out.mask,
+                       terminated=out.terminated, texts=self.decode(out.ids, out.mask, columns.get("prefix")),
+                       columns=columns, sampling_logps=out.logps)
 
     def answer(self, batch: dict[str, Any], samples: int = 0, seed: int = 0) -> tuple[list[str], Tensor]:
         """Greedy completions of the batch's prompts (or ``samples`` sampled ones each, seeded), and their lengths."""
         input_ids, attention_mask, prefixes = batch["input_ids"], batch["attention_mask"], batch.get("prefix")
         if not samples:
-            completion_ids, mask, _ = self.generate(input_ids, attention_mask, greedy=True)
+            completion_ids, mask, *_ = self.generate(input_ids, attention_mask, greedy=True)
             return self.decode(completion_ids, mask, prefixes), mask.sum(dim=1)
-        completion_ids, mask, _ = self.generate_seeded(input_ids.repeat_interleave(samples, dim=0),
+        completion_ids, mask, *_ = self.generate_seeded(input_ids.repeat_interleave(samples, dim=0),
                                                        attention_mask.repeat_interleave(samples, dim=0), seed,
                                                        group=samples)
         prefixes = [p for p in prefixes for _ in range(samples)] if prefixes else None
@@ -352,3 +423,13 @@ def shared_prefill(model: Any, input_ids: Tensor, attention_mask: Tensor, group:
                 use_cache=True, logits_to_keep=1)
     cache = repeated_cache(out, group)
     return {cache_argument(model): cache} if cache is not None else {}
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    return torch.random.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.random.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)

@@ -84,11 +84,15 @@ class GRPO(LightningModule):
         temperature: sampling temperature for rollouts.
         top_p: nucleus sampling threshold for rollouts (1.0: off).
         top_k: top-k sampling for rollouts (``None``: off).
-        generation_backend: how ``generate`` decodes: ``eager`` (a dynamic KV cache, each prompt prefilled once for
-            its G copies), ``compiled`` (a static KV cache and a ``torch.compile``d decoding step, CUDA graphs on a
-            GPU; the first steps pay the compilation, of at most one graph per padded row count; a call outside the
-            planned shapes, or a failed compile, decodes eagerly with a warning), or ``auto``: compiled on CUDA,
-            eager on CPU, where compiling was measured not to pay.
+        generation_backend: how completions are decoded: ``eager`` (qmath's decode loop: a pre-allocated KV cache,
+            each prompt prefilled once for its G copies, sampling on the device, each token's sampling log-prob),
+            ``compiled`` (the same loop with its step compiled, and captured as a CUDA graph on a GPU; the first
+            steps pay the compilation, of at most one graph per padded row count; a call outside the planned
+            shapes, or a failed compile, decodes eagerly with a warning), ``transformers`` or
+            ``transformers-compiled`` (transformers' ``generate``, with its dynamic or its static KV cache), or
+            ``auto``: compiled on CUDA, eager on CPU, where compiling was measured not to pay. What the loop does not
+            implement (a ``generation_kwargs`` logits processor other than ``min_new_tokens`` and a single-token
+            ``sequence_bias``; sliding-window attention; FSDP) decodes through transformers' ``generate``.
         generation_kwargs: further ``generate`` arguments for rollouts, as TRL's option of that name, e.g.
             ``{min_new_tokens: 96}``. Nothing else of the model's own ``generation_config.json`` applies (Qwen2.5's
             ``repetition_penalty: 1.1`` would make the sampled distribution differ from the one the loss scores);
@@ -220,12 +224,13 @@ class GRPO(LightningModule):
         if hp.gradient_checkpointing:
             enable_activation_checkpointing(self.policy)
         merged = None
+        sharded = isinstance(getattr(self._trainer, "strategy", None), FSDPStrategy)
         if hp.lora_r:
             self.policy = add_adapters(self.policy, hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules)
-            if hp.lora_merge_for_generation and not isinstance(getattr(self._trainer, "strategy", None), FSDPStrategy):
+            if hp.lora_merge_for_generation and not sharded:
                 merged = MergedForGeneration(self.policy)
         self.sampler = Sampler(self.policy, self.tokenizer, hp.max_completion_length, hp.temperature, hp.top_p,
-                               hp.top_k, hp.generation_kwargs, hp.generation_backend, merged)
+                               hp.top_k, hp.generation_kwargs, hp.generation_backend, merged, sharded=sharded)
         self._linear_heads[id(self.policy)] = head_is_linear(self.policy)
         self._base = base_identity(hp.model_name_or_path, self.tokenizer)  # what a checkpoint's weights only fit
 
@@ -290,7 +295,8 @@ class GRPO(LightningModule):
         if self.sampler is None or not hasattr(data, "longest_prompt"):
             return  # another data module: the sampler plans from its first call
         hp = self.hparams
-        rows = max(data.hparams.batch_size * hp.num_generations, data.eval_batch_size * (hp.maj_k or 1))
+        accumulate = self._trainer.accumulate_grad_batches  # a rollout covers every micro-batch of a step
+        rows = max(data.hparams.batch_size * accumulate * hp.num_generations, data.eval_batch_size * (hp.maj_k or 1))
         self.sampler.plan(data.longest_prompt(), rows)
 
     def _checkpointed_keys(self) -> set[str]:

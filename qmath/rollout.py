@@ -42,6 +42,7 @@ class Rollout:
     num_items: Tensor | None = field(default=None, metadata={"shared": True})  # dapo's divisor, of the whole step
     old_logps: Tensor | None = _padded(RIGHT, default=None)  # [B, T]
     ref_logps: Tensor | None = _padded(RIGHT, default=None)  # [B, T]
+    sampling_logps: Tensor | None = _padded(RIGHT, default=None)  # [B, T]: under the distribution sampled from
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -72,8 +73,10 @@ class Rollout:
         """This rollout's rows, then ``other``'s, each tensor padded on its side to the wider of the two."""
 
         def join(meta: Any, a: Any, b: Any) -> Any:
-            if a is None or b is None or meta.get("shared"):
-                return a if a is not None else b  # a step-wide value, or one not computed yet
+            if meta.get("shared") or (a is None and b is None):
+                return a if a is not None else b  # a step-wide value, or one computed for neither side yet
+            if a is None or b is None:  # one row per completion on one side only: the rows would not line up
+                raise ValueError("rollouts of which only one has a per-completion field cannot be joined")
             if isinstance(a, dict):
                 if a.keys() != b.keys():
                     raise ValueError(f"rollouts with different columns: {sorted(a)} and {sorted(b)}")

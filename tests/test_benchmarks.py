@@ -71,7 +71,7 @@ def test_memory_benchmark_measures_a_t4x2_step(tmp_path, logits):
 def test_vs_trl_times_qmath_and_the_floor_on_the_tiny_model(tiny_model, tmp_path):
     from benchmarks import vs_trl
 
-    only = ["qmath", "floor"]
+    only = ["qmath", "qmath-transformers", "floor"]
     try:
         import trl  # noqa: F401 - an optional extra (vs-trl); without it the TRL side is not run
         only.append("trl")
@@ -80,6 +80,9 @@ def test_vs_trl_times_qmath_and_the_floor_on_the_tiny_model(tiny_model, tmp_path
     report = vs_trl.main(["--model", str(tiny_model), "--steps", "3", "--length", "8", "--threads", "1",
                           "--workdir", str(tmp_path), "--only", *only])
     assert len(report["qmath"]["all_steps_s"]) == 3 and report["qmath"]["step_s"] > 0
+    for role in ("qmath", "qmath-transformers"):  # each step's generate call timed, and against its floor
+        assert 0 < report[role]["generate_s"] < report[role]["step_s"]
+        assert report[f"{role}_generate_over_floor"] > 0
     assert set(report["floor"]["parts"]) == {"generate", "reference forward", "policy forward + backward",
                                              "AdamW step"}
     assert report["qmath_over_floor"] == report["qmath"]["step_s"] / report["floor"]["total"]
@@ -94,7 +97,8 @@ def test_vs_trl_times_qmath_and_the_floor_on_the_tiny_model(tiny_model, tmp_path
 def test_gpu_check_runs_its_tiny_mode_on_cpu(tiny_model, tmp_path, monkeypatch):
     from benchmarks import gpu_check
 
-    only = ["qmath 32-true eager", "qmath 32-true compiled", "qmath-lora 32-true compiled"]
+    only = ["qmath 32-true eager", "qmath 32-true compiled", "qmath 32-true transformers",
+            "qmath-lora 32-true compiled"]
     try:
         import trl  # noqa: F401 - an optional extra (vs-trl); without it the TRL run is not made
         only.append("TRL 32-true")
@@ -102,16 +106,26 @@ def test_gpu_check_runs_its_tiny_mode_on_cpu(tiny_model, tmp_path, monkeypatch):
         pass
     monkeypatch.setenv("OUT", str(tmp_path))
     report = gpu_check.main(["--tiny", "--steps", "2", "--prompt-length", "160", "--tokenizer", str(tiny_model),
-                             "--workdir", str(tmp_path / "work"), "--only", *only])
+                             "--workdir", str(tmp_path / "work"), "--only", "decoding check", *only])
+    check = report["check"]  # on CPU: the compiled step without CUDA graphs, in two processes
+    assert check["passed"], check
+    assert check["graphs"] == check["planned graphs"] == 2  # 8 and 16 rows
     runs = report["runs"]
     assert all("error" not in runs[role] for role in only), runs
-    for role in only[:3]:
+    for role in only[:4]:
         run = runs[role]
         assert (run["completions"], run["completion_length"], run["prompt_length"]) == (8, 16, 160)
         assert set(run["phases"]) == {"generate", "reference forward", "policy forward + backward", "optimizer"}
         assert 0 < sum(run["phases"].values()) <= run["step_s"] * 1.01  # the phases are parts of the step
         assert run["tokens_per_s"] == pytest.approx(8 * 16 / run["phases"]["generate"])
-    assert report["ratios"]["compiled / eager step time"] > 0 and report["compile_s"] > 0  # compiling takes time
+    assert report["ratios"]["compiled / eager step time"] > 0
+    assert report["compile_s"]["qmath 32-true compiled"] > 0  # compiling takes time, once
+    assert report["ratios"]["qmath's loop (eager) / transformers' generate step time"] > 0
+    assert [runs[r]["decoding"] for r in only[:3]] == ["eager", "compiled", "transformers"]
+    assert [runs[r]["graphs"] for r in only[:3]] == [0, 1, 0]  # the rollouts' 8 rows: one graph
+    assert runs["qmath 32-true compiled"]["compile_error"] is None
+    assert runs["qmath-lora 32-true compiled"]["compile_error"] is None  # through PEFT's layers, adapters folded in
+    assert runs["qmath-lora 32-true compiled"]["graphs"] == 1
     assert set(report["floor"]) == set(runs["qmath 32-true eager"]["phases"]) and all(report["floor"].values())
     run = runs["qmath 32-true eager"]  # Qwen's vocabulary on a 64-wide model: the head is nearly all of it
     assert 0.9 * run["parameters"] < run["head_parameters"] == 151_936 * 64 < run["parameters"]

@@ -41,7 +41,10 @@ class RecordRanks(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         checksum = sum(p.detach().double().sum().item() for p in pl_module.policy.parameters())
-        Path(f"ranks-{trainer.global_rank}.json").write_text(json.dumps({"steps": self.steps, "checksum": checksum}))
+        sampler = pl_module.sampler
+        Path(f"ranks-{trainer.global_rank}.json").write_text(json.dumps({
+            "steps": self.steps, "checksum": checksum, "decoding": sampler.mode(pl_module.device),
+            "graphs": sorted(sampler.graphs), "compile_error": sampler.compile_error}))
 
 
 def boom_reward(completions, **_):
@@ -117,6 +120,22 @@ def test_ddp_resume_repeats_the_uninterrupted_run(ddp_run, tiny_model, in_tmp):
     for rank in (0, 1):  # each rank's third step: the same prompts, the same samples, the same weights after
         assert after[rank]["steps"] == uninterrupted[rank]["steps"][2:]
         assert after[rank]["checksum"] == pytest.approx(uninterrupted[rank]["checksum"], rel=1e-6, abs=1e-6)
+
+
+def test_ddp_compiled_decoding_compiles_its_planned_graph_on_each_rank(tiny_model, in_tmp):
+    """t4x2.yaml's decoding under DDP, where Lightning runs training_step inside DDP's forward (dynamo would hand a
+    graph it compiles there to its DDPOptimizer): each rank compiles the one planned shape (8 rows, for rollouts and
+    the 3 held-out problems per rank alike) and decodes compiled throughout; the ranks stay identical."""
+    run = fit(in_tmp, "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)), *DDP, *SMALL,
+              "--model.generation_backend", "compiled", "--trainer.max_steps", "2", "--trainer.val_check_interval",
+              "2", "--data.num_val", "6")
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = ranks(in_tmp)
+    for record in records:
+        assert record["decoding"] == "compiled" and record["compile_error"] is None
+        assert [rows for rows, _ in record["graphs"]] == [8]
+    assert "outside the planned shapes" not in run.stderr
+    assert records[0]["checksum"] == pytest.approx(records[1]["checksum"], rel=1e-6, abs=1e-6)
 
 
 def test_ddp_trains_the_same_adapters_on_both_ranks(tiny_model, in_tmp):

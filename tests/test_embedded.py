@@ -64,10 +64,10 @@ def test_embedded_default_resumes_exactly(in_tmp):
     assert split == pytest.approx(once, rel=1e-5)
 
 
-def test_compiled_decoding_answers_as_eager_does_on_the_embedded_model():
-    """SmolLM2-135M-Instruct's greedy answers, token for token, with the static KV cache and the compiled decode
-    step (``model.generation_backend: compiled``) as with eager decoding: two rendered GSM8K-style prompts, one
-    padded width, so one compilation (about a minute on 2 CPU cores)."""
+def test_every_decoding_backend_answers_as_transformers_generate_on_the_embedded_model():
+    """SmolLM2-135M-Instruct's greedy answers, token for token: qmath's decode loop, eager and compiled (the
+    compiled step, one graph, about 45 s to compile on 2 CPU cores), as transformers' generate gives them, on three
+    rendered GSM8K-style prompts of three lengths in one padded batch, each twice (one prefill per pair)."""
     from qmath.data import GSM8K
     from qmath.generation import Sampler
     from qmath.module import GRPO
@@ -77,10 +77,16 @@ def test_compiled_decoding_answers_as_eager_does_on_the_embedded_model():
     data = GSM8K(num_few_shot=0)
     data.tokenizer = module.tokenizer
     prompts = [data.render("Tom has 3 boxes of 12 pencils. He gives away 7. How many are left?"),
-               data.render("A baker sells 24 muffins a day for 5 days. How many muffins does she sell?")]
+               data.render("A baker sells 24 muffins a day for 5 days. How many muffins does she sell?"),
+               data.render("What is 7 times 8?")]
     encoded = module.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     ids, mask = encoded.input_ids.repeat_interleave(2, 0), encoded.attention_mask.repeat_interleave(2, 0)
-    compiled = Sampler(module.policy, module.tokenizer, 32, temperature=module.hparams.temperature, backend="compiled")
-    eager = module.sampler.generate(ids, mask, greedy=True, group=2)[0]
-    assert torch.equal(compiled.generate(ids, mask, greedy=True, group=2)[0], eager)
-    assert eager.ne(module.tokenizer.pad_token_id).sum() > 40  # real answers, not an EOS at once
+    answers = {}
+    for backend in ("transformers", "eager", "compiled"):
+        sampler = Sampler(module.policy, module.tokenizer, 32, temperature=module.hparams.temperature,
+                          backend=backend)
+        answers[backend] = sampler.generate(ids, mask, greedy=True, group=2).ids
+        assert sampler.compile_error is None
+    assert torch.equal(answers["eager"], answers["transformers"])
+    assert torch.equal(answers["compiled"], answers["transformers"])
+    assert answers["eager"].ne(module.tokenizer.pad_token_id).sum() > 60  # real answers, not an EOS at once

@@ -1,5 +1,5 @@
 """Behaviour pinned across refactors: three steps of the tiny model and a greedy validation give exactly the numbers
-recorded before qmath's code was reorganised (issue 15). A change that alters them changes what qmath computes.
+recorded (see GOLDEN for when and on what). A change that alters them changes what qmath computes.
 
 To re-record after an intended change of behaviour: ``QMATH_RECORD_GOLDEN=1 pytest tests/test_golden.py -s`` prints
 the new values; paste them into GOLDEN and say why in the commit.
@@ -27,29 +27,31 @@ RUNS = {
 LOGGED = ["train/loss", "train/reward", "train/kl", "train/rewards/length/mean", "train/rewards/xmlcount/mean",
           "train/completions/mean_length", "train/clip_ratio/region_mean", "val/accuracy_lenient", "val/format_rate",
           "val/completions/mean_length"]
-# recorded on the code before issue 15 (commit 6321c43), 2 CPU cores, torch 2.13, transformers 5.24
+# recorded with qmath's own decode loop (issue 23), 2 CPU cores, torch 2.13, transformers 5.24. The loop reproduced
+# the numbers recorded before issue 15 (commit 6321c43) exactly when it drew with torch.multinomial as
+# transformers does; these differ only by its cheaper draws (Gumbel-max from uniform noise: the same law).
 GOLDEN: dict[str, dict] = {
  "dapo": {
   "logged": {
    "train/loss": [
-    0.0,
-    -0.13465890288352966,
-    0.0020427810959517956
+    -4.842877388000488e-08,
+    -0.1021864265203476,
+    -0.016843490302562714
    ],
    "train/reward": [
-    0.39500001072883606,
-    0.39500001072883606,
-    0.38062500953674316
+    0.3681250214576721,
+    0.3681250214576721,
+    0.3800000250339508
    ],
    "train/kl": [
     0.0,
-    0.15745320916175842,
-    0.05106952786445618
+    0.14493109285831451,
+    0.03769037872552872
    ],
    "train/rewards/length/mean": [
-    0.27000001072883606,
-    0.27000001072883606,
-    0.25562500953674316
+    0.24312500655651093,
+    0.24312500655651093,
+    0.2549999952316284
    ],
    "train/rewards/xmlcount/mean": [
     0.125,
@@ -59,11 +61,11 @@ GOLDEN: dict[str, dict] = {
    "train/completions/mean_length": [
     8.0,
     8.0,
-    8.0
+    7.875
    ],
    "train/clip_ratio/region_mean": [
     0.0,
-    0.8359375,
+    0.8125,
     0.0
    ],
    "val/accuracy_lenient": [
@@ -80,50 +82,50 @@ GOLDEN: dict[str, dict] = {
    ]
   },
   "completions": [
-   "<reasoning>\n\ufffd\ufffdreer+\ufffdaml",
-   "<reasoning>\n\u0001ur\ufffd\ufffd\u000bP 1",
-   "<reasoning>\ny<arnbve 14\u0012\ufffd",
-   "<reasoning>\nar_%\ufffd\ufffd 5\ufffdz",
-   "<reasoning>\nH 18 18\ufffd\ufffdD 2",
-   "<reasoning>\nickerdsD mar\u000fl=\ufffd",
-   "<reasoning>\ner!\ufffd\ufffd`<\u0002 18",
-   "<reasoning>\n2 on\ufffd 12 2)B",
-   "<reasoning>\n 9\u007f d,\ufffdoon\n each",
-   "<reasoning>\n pencils 18\ufffd\u000e\ufffdTX\u0014",
-   "<reasoning>\n\ufffd=Z\ufffdE\ufffd\t\ufffd",
-   "<reasoning>\n\ufffd\ufffd\ufffdS!T each in",
-   "<reasoning>\n\ufffd\ufffdYall\ufffdicker chach",
-   "<reasoning>\n balloons *\ufffd th\ufffd(D wi",
-   "<reasoning>\n\ufffdV\ufffdarsays##\ufffdx",
-   "<reasoning>\n rea\ufffd ha 18\u008d th-"
+   "<reasoning>\nach 7b\u0002\ufffd\u0001\ufffd\ufffd",
+   "<reasoning>\nh(\u0001\ufffd\ufffd\ufffdve\ufffd",
+   "<reasoning>\n\ufffd sh[\u0016\ufffdk\u001e",
+   "<reasoning>\nf wi\u0017 do child\ufffd\ufffd\t",
+   "<reasoning>\nT doll tiac\ufffdker,",
+   "<reasoning>\n balloonsow*\ufffdesdayftanE",
+   "<reasoning>\n\ufffdF $\ufffdT`\ufffdag",
+   "<reasoning>\nm 10\ufffd\u000bL",
+   "<reasoning>\n nowN\u000b\ufffder\u0016\ufffd\ufffd",
+   "<reasoning>\n\ufffdoons an8Q\ufffd\u0001\ufffd",
+   "<reasoning>\n stam stamps####, pencil\ufffd more\ufffd",
+   "<reasoning>\nQD\nre@\ufffdblesds",
+   "<reasoning>\nam\ufffd\u0016\ufffdin\ufffd an\u0003",
+   "<reasoning>\ne\ufffd mo\t\ufffd-ack *",
+   "<reasoning>\nP\ufffdiesn\ufffd\ufffday\ufffd",
+   "<reasoning>\n\ufffd\ufffd\ufffdqYes\u0015;"
   ],
   "checksum": [
-   160.45977779384702,
-   880.0939910285524,
-   184.91227864690308
+   183.04943311981333,
+   864.2549811228382,
+   183.43457409599867
   ]
  },
  "dynamic": {
   "logged": {
    "train/loss": [
-    -4.470348358154297e-07,
-    0.000814288854598999,
-    0.0021359026432037354
+    2.9802322387695312e-08,
+    0.0006887316703796387,
+    0.0023766010999679565
    ],
    "train/reward": [
-    0.375,
-    0.4024999737739563,
-    0.3762499988079071
+    0.3687500059604645,
+    0.38499999046325684,
+    0.4012500047683716
    ],
    "train/kl": [
     0.0,
-    0.02038193866610527,
-    0.05338834971189499
+    0.017229123041033745,
+    0.05940824747085571
    ],
    "train/rewards/length/mean": [
-    0.25,
-    0.2775000035762787,
-    0.2512499988079071
+    0.24375000596046448,
+    0.25999999046325684,
+    0.2762500047683716
    ],
    "train/rewards/xmlcount/mean": [
     0.125,
@@ -151,19 +153,19 @@ GOLDEN: dict[str, dict] = {
    ]
   },
   "completions": [
-   "<reasoning>\n\ufffdP\ufffd\u007fre der,",
-   "<reasoning>\n\u0001}ur How\ufffdm\ufffd\u000e",
-   "<reasoning>\ny\ufffd<=arnZb\u0006",
-   "<reasoning>\nar5_\u0019%\u01e3\u0015",
-   "<reasoning>\nH8 18!\u0000Y\ufffd\ufffd",
-   "<reasoning>\nc balloonsds *D\n mar th",
-   "<reasoning>\ner\ufffd!V book\ufffd\ufffdn",
-   "<reasoning>\n2 rea on\ufffd doll ha8"
+   "<reasoning>\n marbles now 7 = \u000b\u0002 in",
+   "<reasoning>\nh\ufffd\ufffdoons\u0001>\ufffd8",
+   "<reasoning>\n\ufffd stam sh stamps[####\ufffd,",
+   "<reasoning>\n 8Q wiD\u0017)\ufffdre",
+   "<reasoning>\nTam doll\ufffdag\u0016i\ufffd",
+   "<reasoning>\n balloonse each\ufffd\u000f mo\ufffd\ufffd",
+   "<reasoning>\n\ufffdP\ufffd\ufffd $ies\ufffdn",
+   "<reasoning>\nm\ufffd 10\ufffd\ufffd\ufffd\u000bd"
   ],
   "checksum": [
-   193.89447497080255,
-   882.1177367329219,
-   185.17750575926448
+   171.35509432722301,
+   870.3928404023363,
+   185.43186517875836
   ]
  }
 }

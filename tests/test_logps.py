@@ -164,3 +164,19 @@ def test_generation_from_a_shared_prefill_is_exactly_as_before(tiny_model):
     shared, plain = completions(True), completions(False)
     assert all(torch.equal(a, b) for a, b in zip(shared, plain))
     assert not torch.equal(shared[1][0], shared[1][1])  # sampled: the copies of a prompt differ
+
+
+def test_rollouts_join_with_their_sampling_log_probs_padded_and_refuse_a_one_sided_field():
+    """Dynamic sampling joins a rollout with its refills: each per-completion field is padded on its side and kept
+    row for row; a field that only one side has cannot be lined up with the rows, so joining refuses."""
+    from dataclasses import replace
+
+    a, b = grouped_rollout(50, width=5), grouped_rollout(50, prompts=1, width=7)
+    a = replace(a, sampling_logps=-torch.rand(8, 5))
+    b = replace(b, sampling_logps=-torch.rand(4, 7))
+    joined = a.cat(b, pad_id=0)
+    assert joined.sampling_logps.shape == (12, 7)
+    assert torch.equal(joined.sampling_logps[:8, :5], a.sampling_logps) and (joined.sampling_logps[:8, 5:] == 0).all()
+    assert torch.equal(joined.sampling_logps[8:], b.sampling_logps)
+    with pytest.raises(ValueError, match="only one"):
+        a.cat(replace(b, sampling_logps=None), pad_id=0)

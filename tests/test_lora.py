@@ -131,6 +131,7 @@ def test_compiled_decoding_through_adapters_answers_as_eager(qwen_like):
     compiled = Sampler(module.policy, module.tokenizer, 12, temperature=0.8, backend="compiled")
     eager = module.sampler.generate(ids, mask, greedy=True, group=4)[0]
     assert torch.equal(compiled.generate(ids, mask, greedy=True, group=4)[0], eager)
+    assert compiled.compile_error is None and compiled.graphs  # compiled through PEFT's layers, not a fallback
     with module.policy.disable_adapter():
         assert not torch.equal(module.sampler.generate(ids, mask, greedy=True, group=4)[0], eager)
 

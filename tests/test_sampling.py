@@ -60,7 +60,7 @@ def test_sampled_first_tokens_follow_softmax_of_logits_over_temperature(qwen_lik
 
     n = 20_000
     rows, mask = prompt.repeat(n, 1), torch.ones_like(prompt).repeat(n, 1)
-    completions, _, _ = module.sampler.generate_seeded(rows, mask, seed=0)
+    completions = module.sampler.generate_seeded(rows, mask, seed=0).ids
     drawn = torch.bincount(completions[:, 0], minlength=expected.numel()).float() / n
     mass, se = drawn[seen].sum(), (expected[seen].sum() * (1 - expected[seen].sum()) / n).sqrt()
     assert abs(mass - expected[seen].sum()) < 5 * se  # the prompt's tokens are drawn as often as softmax says
