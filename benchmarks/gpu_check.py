@@ -1,10 +1,16 @@
-"""The reference run (configs/t4x2.yaml) on a GPU, in one command: step time by phase, tokens/s, peak memory,
-with eager and compiled decoding, at 32-true and 16-mixed, TRL's GRPOTrainer on the same work, the hardware
-floor of each phase measured on the same device, and the LoRA config (configs/t4x2-lora.yaml) on the same work.
+"""The reference run (configs/t4x2.yaml) on a GPU, in one command: first a decoding check (qmath's decode loop,
+compiled and captured as CUDA graphs, against transformers' generate and a full forward, seeded in two processes),
+then step time by phase, tokens/s, peak memory and compiled graphs, with qmath's loop (compiled, eager) and
+transformers' generate (compiled, eager) decoding, at 32-true and 16-mixed, TRL's GRPOTrainer on the same work, the
+hardware floor of each phase measured on the same device, and the LoRA config (configs/t4x2-lora.yaml).
 
     python benchmarks/gpu_check.py --prepare   # where pip works: wheels the GPU machine lacks, and a tokenizer
     python benchmarks/gpu_check.py             # on the GPU: the table, and gpu_check.json under $OUT if set
-    python benchmarks/gpu_check.py --tiny      # on CPU in seconds, a 2-layer model (what the test suite runs)
+    python benchmarks/gpu_check.py --tiny      # on CPU in minutes, a 2-layer model (what the test suite runs)
+
+Every role is a process of its own with a compile or two; all of them may take more than one 10-minute call: the
+decoding check and the loop's rows first (``--only "decoding check" "qmath 32-true compiled" "qmath 32-true eager"
+"qmath 32-true transformers-compiled"``), then the rest.
 
 The work is one T4 rank of the reference run: the Qwen2.5-0.5B-Instruct architecture with random weights (no hub
 here), one prompt of 256 tokens, 8 completions forced to 512 tokens (``min_new_tokens``; a random model rarely
