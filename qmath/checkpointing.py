@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,8 @@ class CheckpointOnSignal(Callback):
     ``--ckpt_path last`` continues exactly.
 
     The signal handler only sets a flag. At the end of each optimizer step the ranks agree on it (one boolean
-    all-reduce) and, if any rank was signalled, all save and stop together. This replaces Lightning's own SIGTERM
+    all-reduce) and, if any rank was signalled, all save once and stop together, without the validation Lightning
+    runs when a run stops early and without a second checkpoint of the step. This replaces Lightning's own SIGTERM
     handler during training, which runs a collective inside the signal handler: with the signal arriving on two
     ranks at different points of their step (Lightning forwards rank 0's SIGTERM to the ranks it launched), those
     collectives pair with the wrong partners and the job hangs (measured here: rank 1 died, rank 0 waited in a
@@ -122,6 +124,7 @@ class CheckpointOnSignal(Callback):
     def __init__(self) -> None:
         self._previous: dict[int, Any] = {}
         self.signalled = False
+        self._limit_val_batches: int | float | None = None
 
     def _flag(self, signum: int, frame: Any) -> None:
         self.signalled = True
@@ -141,7 +144,23 @@ class CheckpointOnSignal(Callback):
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return
         path = last_checkpoint_path(trainer)
+        savers = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+        for callback in savers:
+            if callback.save_last and os.path.abspath(last_checkpoint_path(trainer, callback)) == os.path.abspath(path):
+                # ModelCheckpoint writes a `last-v1.ckpt` beside a `last.ckpt` it does not know it wrote; with
+                # this (part of the saved state) its next save overwrites ours, as it would its own
+                callback.last_model_path = path
         trainer.save_checkpoint(path)
+        for callback in savers:
+            # private: ModelCheckpoint's "already saved at this step" and "saved a last.ckpt", so neither its step's
+            # save nor its on_train_end save (made when it has not saved one itself in this process) writes a
+            # second checkpoint of this step (5.5 GiB for t4x2) inside a preemption's grace period
+            callback._last_global_step_saved = trainer.global_step
+            if callback.save_last:
+                callback._last_checkpoint_saved = path
+        # nor does the stop run a validation (Lightning validates on `should_stop`, for early stopping): a whole
+        # held-out pass would outlast SLURM's 30-second default grace period; the resumed run validates on schedule
+        self._limit_val_batches, trainer.limit_val_batches = trainer.limit_val_batches, 0
         trainer.should_stop = True
         rank_zero_info(f"qmath: stopped by a signal after step {trainer.global_step}; saved {path}. "
                        "Resume with --ckpt_path last")
@@ -150,13 +169,16 @@ class CheckpointOnSignal(Callback):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+        if self._limit_val_batches is not None:  # the trainer validates again if it is used again
+            trainer.limit_val_batches, self._limit_val_batches = self._limit_val_batches, None
 
 
-def last_checkpoint_path(trainer: Trainer) -> str:
-    """Where ``--ckpt_path last`` looks: the ``ModelCheckpoint``'s ``last.ckpt``, else the default root dir's."""
-    for callback in trainer.checkpoint_callbacks:
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-            return os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
+def last_checkpoint_path(trainer: Trainer, callback: ModelCheckpoint | None = None) -> str:
+    """Where ``--ckpt_path last`` looks: the (given) ``ModelCheckpoint``'s ``last.ckpt``, else the default root
+    dir's."""
+    for saver in [callback] if callback is not None else trainer.checkpoint_callbacks:
+        if isinstance(saver, ModelCheckpoint) and saver.dirpath:
+            return os.path.join(saver.dirpath, saver.CHECKPOINT_NAME_LAST + saver.FILE_EXTENSION)
     return os.path.join(trainer.default_root_dir, "last.ckpt")
 
 
@@ -178,6 +200,19 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     _set_rng_states({**states, "numpy": (kind, keys.numpy().astype("uint32"), *rest)})
 
 
+def own_rng_states(saved: Any, rank: int, world_size: int) -> dict[str, Any] | None:
+    """This rank's generator states from a checkpoint's (one per rank, in rank order; a dict from a checkpoint
+    written before they were). With another number of ranks than saved them, a rank beyond the saved ones keeps its
+    seeded generators and a rank 0 says so once: draws outside sampling (dropout, a reward's ``random``) then differ
+    from an uninterrupted run's, which with another world size would not be repeatable anyway."""
+    if saved is None or isinstance(saved, dict):
+        return saved
+    if len(saved) != world_size:
+        rank_zero_info(f"qmath: the checkpoint holds the random generators of {len(saved)} rank(s), this run has "
+                       f"{world_size}; ranks beyond {len(saved) - 1} keep their seeded ones")
+    return saved[rank] if rank < len(saved) else None
+
+
 def base_identity(model_name_or_path: str, tokenizer: Any) -> dict[str, Any]:
     """What a checkpoint's weights only fit: the base model's name and its tokenizer's vocabulary."""
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
@@ -193,8 +228,11 @@ def check_base(checkpoint: dict[str, Any], identity: dict[str, Any], shapes: dic
     if saved and saved != identity:
         differ = ", ".join(f"{k} {v!r} (now {identity.get(k)!r})" for k, v in saved.items() if v != identity.get(k))
     elif shapes != theirs:
-        changed = [k for k in shapes.keys() & theirs.keys() if shapes[k] != theirs[k]]
-        differ = f"{len(changed)} weight shapes and {len(shapes.keys() ^ theirs.keys())} weight names differ"
+        changed = sorted(k for k in shapes.keys() & theirs.keys() if shapes[k] != theirs[k])
+        named = sorted(shapes.keys() ^ theirs.keys())
+        example = (f"{changed[0]} is {tuple(theirs[changed[0]])} there, {tuple(shapes[changed[0]])} here" if changed
+                   else f"{named[0]} is only {'there' if named[0] in theirs else 'here'}")
+        differ = f"{len(changed)} weight shapes and {len(named)} weight names differ (e.g. {example})"
     else:
         return
     raise CheckpointError(
@@ -202,6 +240,56 @@ def check_base(checkpoint: dict[str, Any], identity: dict[str, Any], shapes: dic
         f"--model.model_name_or_path it was trained from ({(saved or {}).get('model_name_or_path', 'unknown')}), "
         "or start a new run without --ckpt_path"
     )
+
+
+LORA_OPTIONS = ("lora_r", "lora_alpha", "lora_target_modules")  # what the adapters' weights mean
+
+
+def same_option(a: Any, b: Any) -> bool:
+    """Option values equal, a list and a tuple (a YAML list and a saved one) alike."""
+    return list(a) == list(b) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else a == b
+
+
+def check_lora_options(saved: dict[str, Any], configured: Any) -> None:
+    """Refuse a checkpoint whose adapters were trained with other LoRA options than the module's (``saved``: the
+    checkpoint's hyperparameters), naming each; ``lora_alpha`` is no shape, so nothing else would notice it."""
+    # without adapters on either side, only the rank says anything
+    keys = ("lora_r",) if not saved.get("lora_r") and not configured.get("lora_r") else LORA_OPTIONS
+    differ = [f"{k} {saved[k]!r} (now {configured.get(k)!r})" for k in keys
+              if k in saved and not same_option(saved[k], configured.get(k))]
+    if differ:
+        flags = " ".join(f"--model.{k} {saved[k]!r}" for k in LORA_OPTIONS if k in saved)
+        raise CheckpointError(f"the checkpoint was trained with other LoRA options: {', '.join(differ)}. Use its "
+                              f"own ({flags}), or start a new run without --ckpt_path")
+
+
+def two_decay_groups(checkpoint: dict[str, Any], order: list[Any], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """The optimizer and schedulers' states of a checkpoint written with one parameter group (``order``: its
+    parameters, as it held them), laid out as ``groups`` (the parameters in their new groups, with their own
+    options such as ``weight_decay: 0``); nothing when the checkpoint has other than one group with weight decay,
+    or ``groups`` is one. Each parameter keeps its own moments; every group starts from the old group's options."""
+    states = checkpoint.get("optimizer_states") or []
+    if len(states) != 1 or len(states[0]["param_groups"]) != 1 or len(groups) < 2:
+        return {}
+    (old,) = states[0]["param_groups"]
+    if not old.get("weight_decay") or len(old["params"]) != len(order):
+        return {}  # no decay: one group is what configure_optimizers builds too
+    position = {id(p): i for i, p in enumerate(order)}
+    state, param_groups, new = {}, [], 0  # a state dict numbers the parameters through its groups in order
+    for group in groups:
+        ids = []
+        for p in group["params"]:
+            if position[id(p)] in states[0]["state"]:
+                state[new] = states[0]["state"][position[id(p)]]
+            ids.append(new)
+            new += 1
+        param_groups.append({**old, **{k: v for k, v in group.items() if k != "params"}, "params": ids})
+    out: dict[str, Any] = {"optimizer_states": [{"state": state, "param_groups": param_groups}]}
+    if "lr_schedulers" in checkpoint:  # one base rate per group
+        out["lr_schedulers"] = [{k: v * len(groups) if k in ("base_lrs", "_last_lr") and isinstance(v, list)
+                                 and len(v) == 1 else v for k, v in scheduler.items()}
+                                for scheduler in checkpoint["lr_schedulers"]]
+    return out
 
 
 def non_finite_weights(state_dict: dict[str, Any]) -> list[str]:
@@ -213,9 +301,24 @@ def non_finite_weights(state_dict: dict[str, Any]) -> list[str]:
 
 def from_every_rank(value: Any, world_size: int) -> list[Any]:
     """``value`` from every rank, in rank order: only rank 0 writes the checkpoint, and each rank's own state (a
-    rollout between two of its passes) must be in it."""
-    if world_size == 1 or not torch.distributed.is_initialized():
+    rollout between two of its passes, its random generators) must be in it. Inside Lightning's SLURM requeue
+    handler, which saves from within a signal handler at any point of a step, a collective could pair with the
+    step's own (DDP's gradient all-reduce) and hang: there each rank's own value only (that save is mid-step and
+    never resumes exactly anyway)."""
+    if world_size == 1 or not torch.distributed.is_initialized() or _in_requeue_handler():
         return [value]
     gathered: list[Any] = [None] * world_size
     torch.distributed.all_gather_object(gathered, value)
     return gathered
+
+
+REQUEUE_HANDLER = "_slurm_sigusr_handler_fn"  # Lightning's _SignalConnector method (tests/test_private_apis.py)
+
+
+def _in_requeue_handler() -> bool:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == REQUEUE_HANDLER:
+            return True
+        frame = frame.f_back
+    return False

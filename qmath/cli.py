@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from qmath.callbacks import WritePredictions
-from qmath.checkpointing import read_checkpoint, use_atomic_checkpoints
+from qmath.checkpointing import LORA_OPTIONS, read_checkpoint, same_option, use_atomic_checkpoints
 from qmath.errors import ConfigError
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"  # in an installed wheel
@@ -51,6 +53,15 @@ def resolve_args(args: list[str]) -> list[str]:
     return out
 
 
+def steps_between_validations(trainer: Trainer) -> None:
+    """Make an integer ``trainer.val_check_interval`` count optimizer steps, as ``max_steps``,
+    ``log_every_n_steps`` and ModelCheckpoint's ``every_n_train_steps`` do; Lightning counts training batches, which
+    with ``accumulate_grad_batches`` are micro-batches (and a validation could fall between two of a step's)."""
+    if isinstance(trainer.val_check_interval, int) and not getattr(trainer, "_qmath_val_in_steps", False):
+        trainer.val_check_interval *= trainer.accumulate_grad_batches
+        trainer._qmath_val_in_steps = True
+
+
 class NoGPUError(ConfigError, MisconfigurationException):
     """The config asks for a GPU that this machine does not have."""
 
@@ -81,6 +92,7 @@ class QMathCLI(LightningCLI):
                 f"with an NVIDIA GPU. Lightning said: {error}"
             ) from error
         use_atomic_checkpoints(trainer)
+        steps_between_validations(trainer)
         return trainer
 
     # Private LightningCLI hooks overridden here: if Lightning renames one, this override would silently stop
@@ -93,12 +105,20 @@ class QMathCLI(LightningCLI):
         parser.set_defaults(weights_only=True)
         return parser
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self._given = [a for a in (sys.argv[1:] if args is None else args) if isinstance(a, str)]  # see below
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
-        """From a checkpoint file, take only the base model it was trained from.
+        """From a checkpoint file, take only what its weights need: the base model, and with LoRA the adapters'
+        options (``lora_r``, ``lora_alpha``, ``lora_target_modules``; ``lora_dropout`` too, unused outside fit).
 
         LightningCLI would apply every saved model hyperparameter over the config and the command line, so that
         ``validate --ckpt_path run.ckpt --model.max_completion_length 256`` would silently evaluate at the training
-        length. The weights only need the right architecture and vocabulary, which the base model names.
+        length. The weights need the right architecture and vocabulary, which the base model names, and adapters
+        evaluated at their trained scale: ``lora_alpha`` is no shape, so a wrong one loads cleanly and evaluates the
+        adapters at another strength. A LoRA option set (on the command line, or in a config to another value than
+        the default) that contradicts the checkpoint is an error naming both.
         """
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
@@ -106,7 +126,38 @@ class QMathCLI(LightningCLI):
             return
         # mapped, not read: only the hyperparameters are wanted, of a file that can be several GiB
         saved = read_checkpoint(ckpt_path, mmap=True).get("hyper_parameters", {})
-        base, configured = saved.get("model_name_or_path"), self.config[subcommand].model.model_name_or_path
+        model = self.config[subcommand].model
+        base, configured = saved.get("model_name_or_path"), model.model_name_or_path
+        taken: dict[str, Any] = {}
         if base and base != configured:
             print(f"qmath: {ckpt_path} was trained from {base}; using it instead of {configured}", flush=True)
-            self.config = self.parser.parse_object({subcommand: {"model": {"model_name_or_path": base}}}, self.config)
+            taken["model_name_or_path"] = base
+        if "lora_r" in saved:  # qmath's own checkpoints; a foreign one keeps the config's
+            taken |= self._lora_options(ckpt_path, saved, model)
+        if taken:
+            self.config = self.parser.parse_object({subcommand: {"model": taken}}, self.config)
+
+    def _lora_options(self, ckpt_path: str, saved: dict[str, Any], model: Any) -> dict[str, Any]:
+        from qmath.module import GRPO
+
+        defaults = {k: v.default for k, v in inspect.signature(GRPO.__init__).parameters.items()}
+        taken, contradicting = {}, []
+        # a checkpoint without adapters: only its rank (0) matters; a config's LoRA settings without a rank are inert
+        keys = (*LORA_OPTIONS, "lora_dropout") if saved.get("lora_r") else ("lora_r",)
+        for key in keys:
+            if key not in saved or same_option(model.get(key), saved[key]):
+                continue
+            given = not same_option(model.get(key), defaults[key]) or any(
+                a == f"--model.{key}" or a.startswith(f"--model.{key}=") for a in self._given)
+            if given and key != "lora_dropout":  # dropout does not act outside fit
+                contradicting.append(f"model.{key} {model.get(key)!r} (the checkpoint's: {saved[key]!r})")
+            taken[key] = saved[key]
+        if contradicting:
+            raise ConfigError(f"{ckpt_path} was trained with other LoRA options than given: "
+                              f"{', '.join(contradicting)}. Leave them out (the checkpoint's are used) or give the "
+                              "checkpoint's")
+        if saved.get("lora_r") and {"lora_r", "lora_alpha", "lora_target_modules"} & taken.keys():
+            print(f"qmath: {ckpt_path} holds LoRA adapters (r={saved['lora_r']}, alpha={saved.get('lora_alpha')} on "
+                  f"{saved.get('lora_target_modules')}); evaluating with those", flush=True)
+        return taken
+

@@ -61,8 +61,9 @@ def grade_batch(batch: dict[str, Any], texts: list[str], lengths: Tensor, sample
         for i, truth, strict, lenient, fmt in zip(rows, truths, graded["accuracy_strict"], graded["accuracy_lenient"],
                                                   graded["format_rate"])
     ]
-    if not rows:
-        return answers, {}
+    if not rows:  # every metric still updated (with nothing): each rank's metric syncs must pair up with its peers'
+        names = [*graded, "completions/mean_length"] + ([f"accuracy_maj@{k}", f"pass@{k}"] if k else [])
+        return answers, {name: torch.zeros(0) for name in names}
     values = {name: torch.tensor(v, dtype=torch.float) for name, v in graded.items()}
     values["completions/mean_length"] = lengths[rows].float()
     if k:

@@ -37,10 +37,13 @@ OWN = {"do_sample": "greedy evaluation and sampled rollouts are chosen by qmath"
        "max_new_tokens": "model.max_completion_length", "max_length": "model.max_completion_length",
        "eos_token_id": "the tokenizer's and the model's EOS ids", "pad_token_id": "the tokenizer's pad token",
        "num_return_sequences": "model.num_generations", "num_beams": "sampling (beam search is not GRPO)",
-       "return_dict_in_generate": "qmath, which reads the token ids generate returns"}
+       "return_dict_in_generate": "qmath, which reads the token ids generate returns",
+       # the KV cache and its compilation are qmath's: transformers refuses a cache_implementation beside the
+       # prompt-sharing prefill's cache, and the compiled paths bring their own
+       **dict.fromkeys(("cache_implementation", "cache_config", "compile_config", "disable_compile", "use_cache"),
+                       "model.generation_backend (qmath's KV cache, static or dynamic, compiled or not)")}
 # generate() options that leave the distribution of the sampled tokens alone
-HARMLESS = {"use_cache", "cache_implementation", "cache_config", "compile_config", "disable_compile",
-            "prefill_chunk_size"}
+HARMLESS = {"prefill_chunk_size"}
 
 ROLLOUT, PROMPTS, MAJ_K = 0, 1, 2  # what a seeded draw is for: see seed_for
 Backend = Literal["auto", "eager", "compiled", "transformers", "transformers-compiled"]
@@ -85,7 +88,7 @@ class DecodeShapes:
 def check_generation_kwargs(generation_kwargs: dict[str, Any] | None) -> list[str]:
     """The extra ``generate`` options that change the sampled distribution; an error for one qmath sets itself.
 
-    >>> check_generation_kwargs({"use_cache": True, "repetition_penalty": 1.1, "min_new_tokens": 8})
+    >>> check_generation_kwargs({"prefill_chunk_size": 64, "repetition_penalty": 1.1, "min_new_tokens": 8})
     ['min_new_tokens', 'repetition_penalty']
     """
     options = dict(generation_kwargs or {})

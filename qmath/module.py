@@ -43,10 +43,13 @@ from torchmetrics import MaxMetric, MeanMetric, MinMetric, SumMetric
 from qmath.checkpointing import (
     base_identity,
     check_base,
+    check_lora_options,
     from_every_rank,
     non_finite_weights,
+    own_rng_states,
     restore_rng_states,
     rng_states,
+    two_decay_groups,
 )
 from qmath.compat import enable_activation_checkpointing
 from qmath.errors import ConfigError, QMathError
@@ -253,19 +256,25 @@ class GRPO(LightningModule):
         if bad:
             raise NonFiniteError(f"refusing to save a checkpoint with non-finite weights ({len(bad)} tensors, e.g. "
                                  f"{bad[0]}); the last saved checkpoint is kept")
-        checkpoint |= {"qmath_rng_states": rng_states(), "qmath_skipped_steps": self.skipped_steps,
-                       "qmath_base": self._base}
+        # every rank's generators, in rank order: only rank 0's dict is written, and each rank draws its own numbers
+        # (LoRA dropout over its own completions, a reward that uses `random`)
+        checkpoint |= {"qmath_rng_states": from_every_rank(rng_states(), self.trainer.world_size),
+                       "qmath_skipped_steps": self.skipped_steps, "qmath_base": self._base}
         if self.hparams.num_iterations > 1:  # a checkpoint may fall between the μ steps that reuse one rollout
             own = {"micro_batches": [m.state() for m in self.micro_batches],
                    "stats": {k: v.cpu() for k, v in self.rollout_stats.items()}}
             checkpoint["qmath_rollouts"] = from_every_rank(own, self.trainer.world_size)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_lora_options(checkpoint.get("hyper_parameters", {}), self.hparams)
+        # a checkpoint from before weight decay spared biases and norms holds one parameter group: split it
+        checkpoint.update(two_decay_groups(checkpoint, self._trainable(), self.parameter_groups()))
         kept = self._checkpointed_keys()
         shapes = {k: v.shape for k, v in self.state_dict().items() if k in kept}
         check_base(checkpoint, self._base, shapes)
         self.skipped_steps = checkpoint.get("qmath_skipped_steps", 0)
-        self._rng_states = checkpoint.get("qmath_rng_states")
+        self._rng_states = own_rng_states(checkpoint.get("qmath_rng_states"), self.global_rank,
+                                          self.trainer.world_size)
         # each rank continues on its own rollout; with another number of ranks, the next step samples anew
         rollouts = checkpoint.get("qmath_rollouts", [])
         own = rollouts[self.global_rank] if len(rollouts) == self.trainer.world_size else {}
@@ -306,10 +315,28 @@ class GRPO(LightningModule):
         return set(self.state_dict())
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer(p for p in self.parameters() if p.requires_grad)
+        optimizer = self.optimizer(self.parameter_groups())
+        if len(optimizer.param_groups) > 1 and not optimizer.defaults.get("weight_decay"):
+            optimizer = self.optimizer(self._trainable())  # one group will do, in the parameters' own order
         if self.lr_scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+
+    def _trainable(self) -> list[Tensor]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The trainable parameters in HF Trainer's (and so TRL's) two groups: weight decay on the weights, none on
+        biases and normalisation weights (Qwen2's q/k/v biases, RMSNorm's scales). Empty groups are left out."""
+        from transformers import Trainer
+
+        # Trainer's own rule (it does not use `self`), not a copy of it: LayerNorm modules and names with bias/norm
+        decayed = {f"policy.{n}" for n in Trainer.get_decay_parameter_names(None, self.policy)}
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        # named: LearningRateMonitor logs lr-AdamW/decay and lr-AdamW/no_decay (the same schedule)
+        groups = [{"params": [p for n, p in named if n in decayed], "name": "decay"},
+                  {"params": [p for n, p in named if n not in decayed], "weight_decay": 0.0, "name": "no_decay"}]
+        return [g for g in groups if g["params"]]
 
     # -- rollout -------------------------------------------------------------------------------------------------
     def rollout(self, batch: dict[str, Any], round_: int = 0) -> Rollout:
@@ -535,7 +562,7 @@ class GRPO(LightningModule):
             metrics[name].update(value.to(self.device))
             # the metric object, not a tensor: Lightning computes it once per epoch, summed over every rank
             self.log(f"{stage}/{name}", metrics[name], on_step=False, on_epoch=True,
-                     prog_bar=name in ("accuracy_strict", "format_rate"), batch_size=len(answers))
+                     prog_bar=name in ("accuracy_strict", "format_rate"), batch_size=max(1, len(answers)))
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Greedy answers, one record per problem; :class:`qmath.callbacks.WritePredictions` writes them in order."""

@@ -106,7 +106,10 @@ def test_gpu_check_runs_its_tiny_mode_on_cpu(tiny_model, tmp_path, monkeypatch):
         pass
     monkeypatch.setenv("OUT", str(tmp_path))
     report = gpu_check.main(["--tiny", "--steps", "2", "--prompt-length", "160", "--tokenizer", str(tiny_model),
-                             "--workdir", str(tmp_path / "work"), "--only", "decoding check", *only])
+                             "--workdir", str(tmp_path / "work"), "--only", "decoding check", *only, "rehearsal"])
+    rehearsal = report["rehearsal"]  # 20 steps, a SIGTERM in step 13, a resume, an evaluation of the checkpoint
+    assert rehearsal["checks"]["passed"], rehearsal["checks"]
+    assert [v["step"] for v in rehearsal["stopped"]["validations"] + rehearsal["resumed"]["validations"]] == [10, 20]
     check = report["check"]  # on CPU: the compiled step without CUDA graphs, in two processes
     assert check["passed"], check
     assert check["graphs"] == check["planned graphs"] == 2  # 8 and 16 rows
@@ -143,3 +146,44 @@ def test_lora_benchmark_times_both_ways_of_sampling(tiny_model):
     seconds = report["seconds"]
     assert set(seconds) == {"unmerged", "merged", "fold and restore"} and all(v > 0 for v in seconds.values())
     assert report["unmerged_over_merged"] == pytest.approx(seconds["unmerged"] / seconds["merged"])
+
+
+def test_the_rehearsals_checks_fail_on_what_they_check():
+    """benchmarks/rehearsal.py's verdicts, on records as its processes write them: a clean run passes, and each
+    fault the rehearsal is there to find fails its own check."""
+    from argparse import Namespace
+
+    from benchmarks.rehearsal import checks, schedule
+
+    args = Namespace(steps=6, val_every=2, signal_at=2)
+    rates = schedule(6)
+
+    def process(steps, validations, **extra):
+        return {"returncode": 0, "ended": 100.0, "graphs": 1, "planned_graphs": 2, "compile_error": None,
+                "first_step": steps[0] - 1 if steps else None,
+                "steps": [{"step": s, "lr": rates[s - 1]} for s in steps],
+                "validations": [{"step": s, "metrics": {"val/format_rate": 0.5}} for s in validations], **extra}
+
+    def report(**changes):
+        base = {"stopped": process([1, 2, 3], [2], signal_time=97.5), "resumed": process([4, 5, 6], [4, 6]),
+                "evaluated": process([], [6], first_step=None), "last_checkpoints_after_the_signal": ["last.ckpt"]}
+        return {**base, **changes}
+
+    clean = checks(report(), args)
+    assert clean["passed"] and clean["seconds from the signal to exit"] == 2.5
+    faults = {
+        "one last.ckpt after the signal": report(last_checkpoints_after_the_signal=["last-v1.ckpt", "last.ckpt"]),
+        "no validation after the signal": report(stopped=process([1, 2, 3], [2, 3], signal_time=97.5)),
+        "resumed at the stopped step": report(resumed={**process([4, 5, 6], [4, 6]), "first_step": 0}),
+        "learning rates as uninterrupted": report(resumed={**process([4, 5, 6], [4, 6]), "steps": [
+            {"step": s, "lr": rates[s - 4]} for s in (4, 5, 6)]}),  # the schedule restarted
+        "every step ran once": report(resumed=process([5, 6], [6])),
+        "evaluation from the checkpoint equals the last validation": report(evaluated={
+            **process([], [6]), "validations": [{"step": 6, "metrics": {"val/format_rate": 0.25}}]}),
+        "graphs within the plan": report(resumed={**process([4, 5, 6], [4, 6]), "graphs": 3}),
+        "every process ended without an error": report(evaluated={**process([], [6]), "returncode": "timed out"}),
+        "exit within SLURM's default 30 s grace period": report(stopped=process([1, 2, 3], [2], signal_time=60.0)),
+    }
+    for check, faulty in faults.items():
+        verdict = checks(faulty, args)
+        assert not verdict[check] and not verdict["passed"], check

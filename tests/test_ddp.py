@@ -40,11 +40,14 @@ class RecordRanks(Callback):
                            "lengths": [int(n) for m in micro for n in m.completion_mask.sum(dim=1)]})
 
     def on_train_end(self, trainer, pl_module) -> None:
-        checksum = sum(p.detach().double().sum().item() for p in pl_module.policy.parameters())
+        weights = list(pl_module.policy.parameters())
+        checksum = sum(p.detach().double().sum().item() for p in weights)
+        trainable = sum(p.detach().double().abs().sum().item() for p in weights if p.requires_grad)
         sampler = pl_module.sampler
         Path(f"ranks-{trainer.global_rank}.json").write_text(json.dumps({
-            "steps": self.steps, "checksum": checksum, "decoding": sampler.mode(pl_module.device),
-            "graphs": sorted(sampler.graphs), "compile_error": sampler.compile_error}))
+            "steps": self.steps, "checksum": checksum, "trainable": trainable,
+            "decoding": sampler.mode(pl_module.device), "graphs": sorted(sampler.graphs),
+            "compile_error": sampler.compile_error}))
 
 
 def boom_reward(completions, **_):
@@ -138,18 +141,32 @@ def test_ddp_compiled_decoding_compiles_its_planned_graph_on_each_rank(tiny_mode
     assert records[0]["checksum"] == pytest.approx(records[1]["checksum"], rel=1e-6, abs=1e-6)
 
 
-def test_ddp_trains_the_same_adapters_on_both_ranks(tiny_model, in_tmp):
+def test_ddp_lora_trains_the_same_adapters_on_both_ranks_and_resumes_each_ranks_dropout(tiny_model,
+                                                                                         tmp_path_factory):
+    """LoRA dropout draws from each rank's own generator, over that rank's own completions: resumed, rank 1 must
+    continue its own stream, not rank 0's (the checkpoint holds every rank's)."""
     from tests.test_lora import LORA
 
-    run = fit(in_tmp, "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)), *DDP, *SMALL, *LORA,
-              "--trainer.max_steps", "2", "--trainer.val_check_interval", "2")
-    assert run.returncode == 0, run.stderr[-3000:]
-    records = ranks(in_tmp)
+    dropout = [*LORA, "--model.lora_dropout", "0.5", "--trainer.val_check_interval", "4"]
+    straight, stopped = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("stopped")
+    for directory, steps in ((straight, 4), (stopped, 2)):
+        run = fit(directory, "--config", "cpu", "--config", str(tiny_config(directory, tiny_model)), *DDP, *SMALL,
+                  *dropout, "--trainer.max_steps", str(steps))
+        assert run.returncode == 0, run.stderr[-3000:]
+    records = ranks(straight)
     assert records[0]["checksum"] == pytest.approx(records[1]["checksum"], rel=1e-6, abs=1e-6)
     assert not set(records[0]["steps"][1]["question"]) & set(records[1]["steps"][1]["question"])
-    assert scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")["train/kl"][1][1] > 0  # the adapters moved
-    checkpoint = torch.load(in_tmp / "lightning_logs" / "cpu" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert scalars(straight / "lightning_logs" / "cpu" / "version_0")["train/kl"][1][1] > 0  # the adapters moved
+    checkpoint = torch.load(stopped / "lightning_logs" / "cpu" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["state_dict"] and all("lora_" in k for k in checkpoint["state_dict"])
+    assert len(checkpoint["qmath_rng_states"]) == 2  # one per rank
+    resumed = fit(stopped, "--config", "cpu", "--config", str(tiny_config(stopped, tiny_model)), *DDP, *SMALL,
+                  *dropout, "--trainer.max_steps", "4", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = ranks(stopped)
+    for rank in (0, 1):  # the same samples, and adapters trained through the same dropout masks
+        assert [s["texts"] for s in after[rank]["steps"]] == [s["texts"] for s in records[rank]["steps"][2:]]
+        assert after[rank]["trainable"] == pytest.approx(records[rank]["trainable"], rel=1e-6)
 
 
 def test_ddp_logs_trl_reward_std_and_length_extremes_over_both_ranks(ddp_run):

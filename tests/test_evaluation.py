@@ -13,7 +13,7 @@ from lightning import Callback
 from qmath.__main__ import main
 from qmath.metrics import grade, majority_vote, strict_answer
 from tests.test_ddp import DDP, fit
-from tests.test_fit import tiny_config
+from tests.test_fit import scalars, tiny_config
 
 # Odd, so the two ranks get 17 and 16 problems: a sampler padded with repeats would count one twice, and an
 # unpadded split would serve them as 2 and 1 batches of 16 (a rank's lone generate hangs FSDP).
@@ -117,6 +117,18 @@ def test_accuracy_is_synced_over_two_ranks_for_validate_and_test(tiny_model, in_
         for rank in ranks:
             logged = {k.replace(prefix, "val/"): v for k, v in rank["metrics"].items()}
             assert logged == pytest.approx({**everyone, "val/completions/mean_length": 5.0}), rank
+
+
+def test_a_rank_without_a_held_out_problem_still_logs_and_the_run_ends(tiny_model, in_tmp):
+    """One held-out problem on two ranks: rank 1 answers only a padding row; its metric syncs must still pair up
+    with rank 0's (they did not: gloo's "Connection closed by peer", NCCL's hang)."""
+    run = fit(in_tmp, "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)), *DDP, "--data.num_val", "1",
+              subcommand="validate", timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    logged = scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")
+    (_, length), = logged["val/completions/mean_length"]
+    assert 1 <= length <= 8 and length == int(length)  # the one real answer's length: the padding row not counted
+    assert len(logged["val/accuracy_strict"]) == 1
 
 
 def test_predict_writes_every_row_in_order_from_a_checkpoint_and_an_export(tiny_model, in_tmp):

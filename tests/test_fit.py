@@ -295,3 +295,71 @@ def test_generation_kwargs_reach_the_rollouts(tiny_model, in_tmp):
     assert short["train/completions/max_length"] == [(0, 1.0)]
     assert forced["train/completions/min_length"] == [(0, 6.0)]
     assert forced["train/completions/clipped_ratio"] == [(0, 1.0)]
+
+
+def test_weight_decay_spares_biases_and_norms_as_hf_trainer_does(qwen_like):
+    from functools import partial
+
+    from qmath.module import GRPO
+
+    module = GRPO(model_name_or_path=str(qwen_like), optimizer=partial(torch.optim.AdamW, lr=1e-5, weight_decay=0.1))
+    module.configure_model()
+    decay, spared = module.configure_optimizers().param_groups
+    names = {id(p): n for n, p in module.named_parameters()}
+    assert (decay["weight_decay"], spared["weight_decay"]) == (0.1, 0.0)
+    spared_names = {names[id(p)] for p in spared["params"]}
+    layers = module.policy.config.num_hidden_layers
+    # Qwen2's q/k/v biases and every RMSNorm scale (two per layer and the final one), nothing else
+    assert len(spared_names) == layers * 5 + 1
+    assert all(n.endswith((".q_proj.bias", ".k_proj.bias", ".v_proj.bias", "layernorm.weight")) or
+               n == "policy.model.norm.weight" for n in spared_names), spared_names
+    assert all(p.ndim == 2 for p in decay["params"])  # the matrices and the embedding
+    module.optimizer = partial(torch.optim.AdamW, lr=1e-5, weight_decay=0.0)
+    assert len(module.configure_optimizers().param_groups) == 1  # without decay, one group (one lr-AdamW)
+
+
+def test_val_check_interval_counts_optimizer_steps_whatever_the_accumulation(tiny_model, in_tmp):
+    main(["fit", "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)), "--trainer.max_steps", "4",
+          "--trainer.accumulate_grad_batches", "2", "--trainer.val_check_interval", "2", "--data.batch_size", "1",
+          "--model.num_generations", "2"])
+    logged = scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")
+    # after optimizer steps 2 and 4 (logged, as the training scalars, at the 0-based index of the step before),
+    # not after every second micro-batch, that is every step
+    assert [step for step, _ in logged["val/format_rate"]] == [1, 3]
+
+
+def test_a_checkpoint_with_one_parameter_group_resumes_into_the_two(qwen_like):
+    """Checkpoints written before weight decay spared biases and norms hold one group; resuming splits it, each
+    parameter keeping its own Adam moments (by position they would land on other parameters)."""
+    from functools import partial
+
+    from qmath.checkpointing import two_decay_groups
+    from qmath.module import GRPO
+
+    module = GRPO(model_name_or_path=str(qwen_like), optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1))
+    module.configure_model()
+    trainable = module._trainable()
+    old = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.1)  # as configure_optimizers built it before
+    old_schedule = torch.optim.lr_scheduler.StepLR(old, step_size=1, gamma=0.5)
+    torch.manual_seed(0)
+    for p in trainable:
+        p.grad = torch.randn_like(p)
+    old.step()
+    old_schedule.step()
+    checkpoint = {"optimizer_states": [old.state_dict()], "lr_schedulers": [old_schedule.state_dict()]}
+    new = module.configure_optimizers()
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        new.load_state_dict(checkpoint["optimizer_states"][0])
+    converted = two_decay_groups(checkpoint, trainable, module.parameter_groups())
+    new.load_state_dict(converted["optimizer_states"][0])
+    assert [g["weight_decay"] for g in new.param_groups] == [0.1, 0.0]
+    assert [g["lr"] for g in new.param_groups] == [5e-4, 5e-4]  # where the old schedule had got to
+    for p in trainable:
+        assert torch.equal(new.state[p]["exp_avg"], old.state[p]["exp_avg"])
+        assert torch.equal(new.state[p]["exp_avg_sq"], old.state[p]["exp_avg_sq"])
+    schedule = torch.optim.lr_scheduler.StepLR(new, step_size=1, gamma=0.5)
+    schedule.load_state_dict(converted["lr_schedulers"][0])
+    new.step()
+    schedule.step()
+    assert [g["lr"] for g in new.param_groups] == [2.5e-4, 2.5e-4]  # both groups on the one schedule
+    assert two_decay_groups({"optimizer_states": [new.state_dict()]}, trainable, module.parameter_groups()) == {}

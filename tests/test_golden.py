@@ -1,5 +1,22 @@
-"""Behaviour pinned across refactors: three steps of the tiny model and a greedy validation give exactly the numbers
+"""Behaviour pinned across refactors: three steps of the tiny model and a greedy validation give the numbers
 recorded (see GOLDEN for when and on what). A change that alters them changes what qmath computes.
+
+What is exact and what is not, on another x86-64 CPU than the one that recorded them: the sampled completions are
+token ids, compared exactly (a draw that flips is a change of behaviour, or a float difference large enough to be
+one). The logged numbers and the weights are float32 math whose kernels (oneDNN, MKL) pick their blocking, and so
+their summation order, by CPU model: another model rounds differently in the last bits. Measured between two
+machines of this kind (AMD EPYC family 25 and the recording one; the issue's family 26 gave the same picture),
+with every completion identical: the rewards and lengths exactly equal, the loss 7e-8 apart, the KL up to 1.1e-5
+relative, the weights' sum 4e-6 apart (of 183; Σ|Δw| is 557). Hence, each with a margin of 10x or more:
+- the KL and the loss are functions of log-prob differences (the ratio, the k3 estimator), whose relative
+  rounding error is the log-probs' absolute one (~1e-6) over the difference (~0.1): rel 1e-3 (90x the measured);
+- every other logged number rel 1e-4 (a reward or a length differs only if a completion does);
+- the weights through their change over the three steps, Δw = w - w0 (the initial weights dominate w and would
+  hide it): Σ Δw to 1e-5 of Σ|Δw| (1,400x the measured), Σ|Δw| and Σ Δw² to rel 1e-5 and 2e-5. Adam moves
+  nearly every weight by about the learning rate whatever its gradient's size, so a wrong sign on 0.001% of the
+  weights moves Σ Δw by 2e-5 of Σ|Δw| and fails, and a wrong step size shows in Σ|Δw|; a rounding difference in
+  a gradient moves an Adam update by about as much, relatively (~1e-6).
+A change of the algorithm (a loss term, an advantage, a mask) moves these numbers by percents.
 
 To re-record after an intended change of behaviour: ``QMATH_RECORD_GOLDEN=1 pytest tests/test_golden.py -s`` prints
 the new values; paste them into GOLDEN and say why in the commit.
@@ -12,6 +29,7 @@ import os
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from qmath.__main__ import main
 from tests.test_fit import scalars, tiny_config
@@ -30,12 +48,15 @@ LOGGED = ["train/loss", "train/reward", "train/kl", "train/rewards/length/mean",
 # recorded with qmath's own decode loop (issue 23), 2 CPU cores, torch 2.13, transformers 5.24. The loop reproduced
 # the numbers recorded before issue 15 (commit 6321c43) exactly when it drew with torch.multinomial as
 # transformers does; these differ only by its cheaper draws (Gumbel-max from uniform noise: the same law).
+# Re-recorded in issue 24 on an AMD EPYC (family 25): the weights as their change (Δw), and "dapo" validating once,
+# at step 3 (val_check_interval now counts optimizer steps; it validated after 1.5 steps too). Its completions and
+# logged training numbers equal the previous recording's, within the tolerances below.
 GOLDEN: dict[str, dict] = {
  "dapo": {
   "logged": {
    "train/loss": [
     -4.842877388000488e-08,
-    -0.1021864265203476,
+    -0.102186419069767,
     -0.016843490302562714
    ],
    "train/reward": [
@@ -45,8 +66,8 @@ GOLDEN: dict[str, dict] = {
    ],
    "train/kl": [
     0.0,
-    0.14493109285831451,
-    0.03769037872552872
+    0.14493107795715332,
+    0.03769037127494812
    ],
    "train/rewards/length/mean": [
     0.24312500655651093,
@@ -69,15 +90,12 @@ GOLDEN: dict[str, dict] = {
     0.0
    ],
    "val/accuracy_lenient": [
-    0.0,
     0.0
    ],
    "val/format_rate": [
-    0.0,
     0.0
    ],
    "val/completions/mean_length": [
-    8.0,
     8.0
    ]
   },
@@ -100,9 +118,9 @@ GOLDEN: dict[str, dict] = {
    "<reasoning>\n\ufffd\ufffd\ufffdqYes\u0015;"
   ],
   "checksum": [
-   183.04943311981333,
-   864.2549811228382,
-   183.43457409599867
+   19.495196259758416,
+   556.7966353946788,
+   11.786939860421043
   ]
  },
  "dynamic": {
@@ -119,8 +137,8 @@ GOLDEN: dict[str, dict] = {
    ],
    "train/kl": [
     0.0,
-    0.017229123041033745,
-    0.05940824747085571
+    0.01722930371761322,
+    0.05940825864672661
    ],
    "train/rewards/length/mean": [
     0.24375000596046448,
@@ -163,9 +181,9 @@ GOLDEN: dict[str, dict] = {
    "<reasoning>\nm\ufffd 10\ufffd\ufffd\ufffd\u000bd"
   ],
   "checksum": [
-   171.35509432722301,
-   870.3928404023363,
-   185.43186517875836
+   7.800892938111758,
+   545.3923586070168,
+   12.190185415973572
   ]
  }
 }
@@ -175,10 +193,12 @@ def observe(directory, run: str, tiny_model) -> dict:
     cli = main(["fit", "--config", "cpu", "--config", str(tiny_config(directory, tiny_model)), *RUNS[run],
                 "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--data.num_val", "6"])
     logged = scalars(directory / "lightning_logs" / "cpu" / "version_0")
-    weights = torch.cat([p.detach().double().flatten() for p in cli.model.policy.parameters()])
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).state_dict()
+    change = torch.cat([(p.detach().double() - initial[n].double()).flatten()
+                        for n, p in cli.model.policy.named_parameters()])
     return {"logged": {k: [v for _, v in logged[k]] for k in LOGGED},
             "completions": cli.model.last_rollout["completion"],
-            "checksum": [weights.sum().item(), weights.abs().sum().item(), (weights * weights).sum().item()]}
+            "checksum": [change.sum().item(), change.abs().sum().item(), (change * change).sum().item()]}
 
 
 @pytest.mark.parametrize("run", RUNS)
@@ -190,5 +210,10 @@ def test_three_steps_and_a_validation_give_the_recorded_numbers(tiny_model, in_t
     golden = GOLDEN[run]
     assert seen["completions"] == golden["completions"]  # the same samples, token for token
     for name, values in golden["logged"].items():
-        assert seen["logged"][name] == pytest.approx(values, rel=1e-6, abs=1e-7), name
-    assert seen["checksum"] == pytest.approx(golden["checksum"], rel=1e-9)
+        rel = 1e-3 if name in ("train/kl", "train/loss") else 1e-4  # see the module's docstring
+        # abs: a value that is 0 up to rounding (the first step's loss: ratio 1, advantages summing to 0)
+        assert seen["logged"][name] == pytest.approx(values, rel=rel, abs=1e-6), name
+    total, size, square = golden["checksum"]
+    assert seen["checksum"][0] == pytest.approx(total, abs=1e-5 * size)  # Σ Δw: a sum that may nearly cancel
+    assert seen["checksum"][1] == pytest.approx(size, rel=1e-5)  # Σ |Δw|
+    assert seen["checksum"][2] == pytest.approx(square, rel=2e-5)  # Σ Δw² (twice Σ|Δw|'s relative error)

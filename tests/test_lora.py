@@ -106,6 +106,36 @@ def test_export_folds_the_adapters_in_or_writes_them(trained, tiny_model, tmp_pa
         torch.testing.assert_close(merged(ids).logits, policy(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_a_lora_checkpoint_is_evaluated_with_its_own_lora_options(trained, tiny_model, in_tmp, capsys):
+    directory = trained[1]
+    ckpt = directory / "lightning_logs" / "cpu" / "checkpoints" / "last.ckpt"
+    config = str(tiny_config(in_tmp, tiny_model))
+    validate = ["validate", "--config", "cpu", "--config", config, "--ckpt_path", str(ckpt), "--data.num_val", "2"]
+
+    def scaling(cli) -> float:  # what PEFT multiplies the adapters' update by: alpha / r
+        layers = cli.model.policy.modules()
+        return next(m.scaling["default"] for m in layers if isinstance(getattr(m, "scaling", None), dict))
+
+    # the config leaves the LoRA options at their defaults (no LoRA): the checkpoint's r and alpha
+    cli = main(validate)
+    assert (cli.model.hparams.lora_r, cli.model.hparams.lora_alpha, scaling(cli)) == (4, 8.0, 2.0)
+    assert "holds LoRA adapters (r=4, alpha=8.0 on all-linear); evaluating with those" in capsys.readouterr().out
+    # the rank given, alpha left at its default: the checkpoint's alpha, not the adapters at another strength
+    assert scaling(main([*validate, "--model.lora_r", "4"])) == 2.0
+    # a value given that contradicts the checkpoint, even the default value: an error naming both
+    for option, value, saved in (("lora_alpha", "16", "8.0"), ("lora_r", "0", "4"), ("lora_r", "8", "4")):
+        with pytest.raises(ValueError, match=rf"other LoRA options than given: model\.{option} {value}\S* "
+                                             rf"\(the checkpoint's: {saved}\)"):
+            main([*validate, f"--model.{option}", value])
+    # resuming `fit` with other LoRA options: the difference named, not "another base model"
+    resumed = in_tmp / "lightning_logs" / "cpu" / "checkpoints"
+    resumed.mkdir(parents=True)
+    (resumed / "last.ckpt").write_bytes(ckpt.read_bytes())
+    with pytest.raises(ValueError, match=r"other LoRA options: lora_alpha 8.0 \(now 16.0\).*--model.lora_alpha 8.0"):
+        main(["fit", "--config", "cpu", "--config", config, "--model.lora_r", "4", "--model.lora_alpha", "16",
+              "--trainer.max_steps", "3", "--ckpt_path", "last"])
+
+
 def test_lora_options_are_checked(in_tmp):
     from qmath.errors import ConfigError
 

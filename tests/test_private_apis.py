@@ -42,6 +42,15 @@ def test_private_attributes_exist(tmp_path):
     from transformers import CompileConfig
 
     assert hasattr(ModelCheckpoint(every_n_train_steps=5), "_every_n_train_steps")
+    # CheckpointOnSignal tells ModelCheckpoint it has saved this step's last.ckpt (no second 5.5 GiB save)
+    for attribute in ("_last_global_step_saved", "_last_checkpoint_saved", "last_model_path"):
+        assert hasattr(ModelCheckpoint(save_last=True), attribute), attribute
+    # from_every_rank recognises Lightning's SLURM requeue handler (a save inside a signal handler) by its name
+    from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+
+    from qmath.checkpointing import REQUEUE_HANDLER
+
+    assert callable(getattr(_SignalConnector, REQUEUE_HANDLER, None))
     assert callable(getattr(TensorBoardLogger, "_sanitize_params", None))
     logger = TensorBoardLogger(tmp_path)
     assert hasattr(logger, "_default_hp_metric")

@@ -62,9 +62,11 @@ class SignalAt(Callback):
 
     def __init__(self, signum: int) -> None:
         self.signum = signum
+        self.sent_at: float | None = None
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == 3:
+        if trainer.global_step == 3 and self.sent_at is None:
+            self.sent_at = time.monotonic()
             os.kill(os.getpid(), self.signum)
 
 
@@ -72,28 +74,54 @@ def rewards_by_step(log_dir: Path) -> dict[int, float]:
     return dict(scalars(log_dir)["train/reward"])
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_a_signal_saves_last_and_the_resumed_run_repeats_the_uninterrupted_one(tiny_model, in_tmp, signum):
+class CountSaves(Callback):
+    """The global step of every checkpoint this process writes."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.steps.append(trainer.global_step)
+
+
+# ModelCheckpoint saving every step (so also at the signalled one), and saving only every 100 (so it has written
+# no last.ckpt of its own, and would at the end of training); a validation is due later (step 6)
+@pytest.mark.parametrize(("signum", "every"), [(signal.SIGTERM, 1), (signal.SIGUSR1, 100)],
+                         ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_saves_last_and_the_resumed_run_repeats_the_uninterrupted_one(tiny_model, in_tmp, signum, every):
     path = tiny_config(in_tmp, tiny_model)
     config = yaml.safe_load(path.read_text())
-    config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 100  # the only last.ckpt: the signal's
+    config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = every
     path.write_text(yaml.safe_dump(config))
     config = str(path)
     six = ["--trainer.max_steps", "6", "--trainer.val_check_interval", "6"]
     straight = main(["fit", "--config", "cpu", "--config", config, *six, "--trainer.logger.init_args.name", "once"])
+    shutil.rmtree(in_tmp.joinpath(*LAST).parent)  # its checkpoints: the runs below start afresh
+    signaller, saves = SignalAt(signum), CountSaves()
     cli = QMathCLI(GRPO, GSM8K, args=resolve_args(["fit", "--config", "cpu", "--config", config, *six])[1:], run=False,
-                   trainer_defaults={"callbacks": [SignalAt(signum), CheckpointOnSignal()]})
+                   trainer_defaults={"callbacks": [signaller, CheckpointOnSignal(), saves]})
     cli.trainer.fit(cli.model, cli.datamodule)  # stops cleanly after the step that was signalled
+    seconds = time.monotonic() - signaller.sent_at
     assert cli.trainer.global_step == 3
+    checkpoints = in_tmp.joinpath(*LAST).parent
+    assert sorted(p.name for p in checkpoints.glob("last*.ckpt")) == ["last.ckpt"]  # no last-v1.ckpt
+    assert saves.steps.count(3) == 1 and max(saves.steps) == 3  # and one save of the signalled step (5.5 GiB on t4x2)
     assert torch.load(in_tmp.joinpath(*LAST), weights_only=True)["global_step"] == 3
+    stopped = scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")
+    assert not [k for k in stopped if k.startswith("val/")]  # the stop ran no validation
+    assert seconds < 10, seconds  # a save and the teardown
+    assert cli.trainer.limit_val_batches == 1.0  # a trainer used again validates again
     resumed = main(["fit", "--config", "cpu", "--config", config, *six, "--ckpt_path", "last"])
+    assert sorted(p.name for p in checkpoints.glob("last*.ckpt")) == ["last.ckpt"]  # the resumed run overwrites it
     for a, b in zip(straight.model.policy.parameters(), resumed.model.policy.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     once = rewards_by_step(in_tmp / "lightning_logs" / "once" / "version_0")
-    stopped = rewards_by_step(in_tmp / "lightning_logs" / "cpu" / "version_0")
     after = rewards_by_step(in_tmp / "lightning_logs" / "cpu" / "version_1")
-    assert sorted(stopped) == [0, 1, 2] and sorted(after) == [3, 4, 5]
-    assert {**stopped, **after} == pytest.approx(once, rel=1e-5)  # every step's logged reward, as if never stopped
+    assert sorted(dict(stopped["train/reward"])) == [0, 1, 2] and sorted(after) == [3, 4, 5]
+    assert {**dict(stopped["train/reward"]), **after} == pytest.approx(once, rel=1e-5)  # as if never stopped
+    validated = [[step for step, _ in scalars(in_tmp / "lightning_logs" / name / version)["val/format_rate"]]
+                 for name, version in (("once", "version_0"), ("cpu", "version_1"))]
+    assert validated[0] == validated[1] and len(validated[0]) == 1  # at step 6, on schedule
 
 
 class SlowSecondSave(Callback):

@@ -70,9 +70,28 @@ def test_sampled_first_tokens_follow_softmax_of_logits_over_temperature(qwen_lik
 
 def test_generation_kwargs_that_change_the_distribution_are_warned_about_and_owned_ones_refused():
     with pytest.warns(UserWarning, match=r"\['repetition_penalty'\] change the distribution"):
-        GRPO(generation_kwargs={"repetition_penalty": 1.1, "use_cache": True})
+        GRPO(generation_kwargs={"repetition_penalty": 1.1, "prefill_chunk_size": 64})
     with pytest.raises(ValueError, match="temperature set by qmath from model.temperature"):
         GRPO(generation_kwargs={"temperature": 0.7})
+    # a cache or compile option of generate's: qmath's decoding owns them (transformers refused the eager path's)
+    for option in ({"cache_implementation": "static"}, {"compile_config": None}, {"disable_compile": True}):
+        with pytest.raises(ValueError, match=f"{next(iter(option))} set by qmath from model.generation_backend"):
+            GRPO(generation_kwargs=option)
+
+
+def test_fsdp_decodes_through_transformers_generate_whatever_the_backend(tiny_model):
+    """docs/distributed.md: compiled decoding is not tried under FSDP (each step gathers the sharded layers'
+    weights, a collective transformers' generate keeps in step)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    for backend in ("auto", "compiled", "eager", "transformers-compiled"):
+        module = GRPO(model_name_or_path=str(tiny_model), generation_backend=backend)
+        module._trainer = SimpleNamespace(strategy=FSDPStrategy())
+        module.configure_model()
+        assert module.sampler.mode(torch.device("cuda")) == "transformers", backend
+        assert not module.sampler.compiled(torch.device("cuda"))
 
 
 def test_every_seeded_draw_follows_the_global_seed(tiny_model, monkeypatch):
