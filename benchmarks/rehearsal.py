@@ -5,7 +5,8 @@
 
 ``python -m qmath fit --config t4x2`` with the Qwen2.5-0.5B-Instruct architecture (random weights: no hub), real
 GSM8K prompts (``--gsm8k``: a folder with ``train.jsonl`` and ``test.jsonl``, as ``../shared/gsm8k/``; the GPU
-machine gets a slice of them in ``.whl/gsm8k`` from ``gpu_check.py --prepare``), one device, ``--steps`` optimizer
+machine gets a slice of them in ``.whl/gsm8k`` from ``gpu_check.py --prepare``; ``--small`` without them: qmath's
+generated problems), one device, ``--steps`` optimizer
 steps (30) with a validation every ``--val-every`` (10) on ``--num-val`` (64) test problems, and the learning-rate
 schedule shortened to the run. Only the model, the data, the device count, the step counts and the schedule's
 length are overridden; decoding, precision, checkpointing and logging are t4x2's. In the middle of step
@@ -215,14 +216,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     gsm8k = Path(args.gsm8k) if args.gsm8k else next(
         (d for d in (PREPARED_GSM8K, SHARED_GSM8K) if (d / "train.jsonl").is_file()), None)
-    if gsm8k is None or not (gsm8k / "test.jsonl").is_file():
+    if gsm8k is not None and (gsm8k / "test.jsonl").is_file():
+        data = ["--data.path", str(gsm8k / "train.jsonl"), "--data.val_path", str(gsm8k / "test.jsonl")]
+    elif args.small:  # a clone without ../shared (CI): qmath's generated GSM8K-style problems
+        data, gsm8k = ["--data.path", "synthetic", "--data.num_train", "300"], "synthetic"
+    else:
         raise SystemExit("rehearsal: no GSM8K folder (train.jsonl, test.jsonl): pass --gsm8k, or run "
                          "`python benchmarks/gpu_check.py --prepare` where ../shared/gsm8k is")
     model = memory.build_model(workdir / ("qwen2-small-random" if args.small else "qwen2.5-0.5b-random"),
                                memory.SMALL if args.small else memory.QWEN25_05B, args.tokenizer)
     device = "gpu" if torch.cuda.is_available() else "cpu"
-    common = ["--config", "t4x2", "--model.model_name_or_path", str(model), "--data.path", str(gsm8k / "train.jsonl"),
-              "--data.val_path", str(gsm8k / "test.jsonl"), "--data.num_val", str(args.num_val),
+    common = ["--config", "t4x2", "--model.model_name_or_path", str(model), *data, "--data.num_val", str(args.num_val),
               "--trainer.accelerator", device, "--trainer.devices", "1", "--trainer.strategy", "auto",
               "--trainer.enable_progress_bar", "false"]
     if args.small or args.length:
@@ -233,7 +237,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "--model.lr_scheduler.init_args.total_steps", str(args.steps)]
     report: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "gpu" else "cpu",
                               "steps": args.steps, "val_every": args.val_every, "num_val": args.num_val,
-                              "signal_at": args.signal_at, "memory_gib": args.memory_gib, "workdir": str(workdir)}
+                              "signal_at": args.signal_at, "memory_gib": args.memory_gib, "workdir": str(workdir),
+                              "data": str(gsm8k)}
     def keep(key: str, value: Any) -> None:  # what is done so far survives a time limit on the command
         report[key] = value
         if os.environ.get("OUT"):
@@ -287,7 +292,8 @@ def checks(report: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 def print_report(report: dict[str, Any]) -> None:
     print(f"\nqmath rehearsal: {report['device']}, capped at {report['memory_gib']} GiB; {report['steps']} steps, "
-          f"validation every {report['val_every']} on {report['num_val']} GSM8K test problems, SIGTERM during step "
+          f"validation every {report['val_every']} on {report['num_val']} held-out problems ({report['data']}), "
+          "SIGTERM during step "
           f"{report['signal_at'] + 1}, resumed with --ckpt_path last, then validate --ckpt_path last\n")
     print("| process | steps | s/step (median) | generate | reference fwd | policy fwd+bwd | optimizer | "
           "validations (s each) | decoding | graphs (planned) | peak allocated (GiB) | peak reserved (GiB) | "
