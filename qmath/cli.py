@@ -156,7 +156,7 @@ class QMathCLI(LightningCLI):
             raise ConfigError(f"{ckpt_path} was trained with other LoRA options than given: "
                               f"{', '.join(contradicting)}. Leave them out (the checkpoint's are used) or give the "
                               "checkpoint's")
-        if saved.get("lora_r") and {"lora_r", "lora_alpha", "lora_target_modules"} & taken.keys():
+        if saved.get("lora_r") and set(LORA_OPTIONS) & taken.keys():
             print(f"qmath: {ckpt_path} holds LoRA adapters (r={saved['lora_r']}, alpha={saved.get('lora_alpha')} on "
                   f"{saved.get('lora_target_modules')}); evaluating with those", flush=True)
         return taken
