@@ -37,14 +37,15 @@ def hardware() -> dict[str, float]:
 
 def floors(run: dict[str, Any], hw: dict[str, float]) -> dict[str, float]:
     """Each phase's time if it did the least work at the measured limits. Decoding reads every weight once per
-    token (the KV cache and activations are small beside them). A forward is 2 FLOPs per weight per token: the
-    decoder's for each prompt once and every completion token, the output head's for the completion tokens only; a
-    backward is twice a forward (no recomputation counted). AdamW reads the weights, gradients and two moments and
-    writes three of them."""
+    token (the KV cache and activations are small beside them), in the rollout copy's dtype if there is one. A
+    forward is 2 FLOPs per weight per token: the decoder's for each prompt once and every completion token, the
+    output head's for the completion tokens only; a backward is twice a forward (no recomputation counted). AdamW
+    reads the weights, gradients and two moments and writes three of them."""
     n, head, weight_bytes = run["parameters"], run["head_parameters"], 4 * run["parameters"]
     completion_tokens = run["completions"] * run["completion_length"]
     forward = (2 * (n - head) * (run["prompts"] * run["prompt_length"] + completion_tokens)
                + 2 * head * completion_tokens) / hw["fp32_flops_per_s"]
-    return {"generate": run["completion_length"] * weight_bytes / hw["bandwidth_bytes_per_s"],
+    rollout_bytes = run.get("rollout_bytes_per_parameter", 4) * n  # a half-precision rollout copy reads half
+    return {"generate": run["completion_length"] * rollout_bytes / hw["bandwidth_bytes_per_s"],
             "reference forward": forward, "policy forward + backward": 3 * forward,
             "optimizer": 7 * weight_bytes / hw["bandwidth_bytes_per_s"]}

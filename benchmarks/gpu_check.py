@@ -58,8 +58,10 @@ CARRIED = ["datasets", "dill", "multiprocess", "jsonargparse", "docstring-parser
            "trl"]
 # qmath's own decode loop (eager; compiled: torch.compile'd step, CUDA graphs), transformers' generate (qmath's backend
 # before its loop: eager, and its static cache with a compiled step), TRL, 16-mixed, and the LoRA config
-ROLES = ["qmath 32-true compiled", "qmath 32-true eager", "qmath 32-true transformers-compiled",
-         "qmath 32-true transformers", "TRL 32-true", "qmath 16-mixed compiled", "qmath-lora 32-true compiled"]
+# (a fourth word: model.rollout_dtype, rollouts from a copy of the policy in that dtype)
+ROLES = ["qmath 32-true compiled", "qmath 32-true compiled float16", "qmath 32-true eager",
+         "qmath 32-true transformers-compiled", "qmath 32-true transformers", "TRL 32-true", "qmath 16-mixed compiled",
+         "qmath-lora 32-true compiled", "qmath-lora 32-true compiled float16"]
 CHECK = "decoding check"  # not timed: what the decode loop gives on this device, in two fresh processes
 REHEARSAL = "rehearsal"  # benchmarks/rehearsal.py: 30 steps of t4x2 with validations, a SIGTERM and a resume
 CONFIGS = {"qmath": "t4x2", "qmath-lora": "t4x2-lora"}  # a role's first word: the shipped config it runs
@@ -93,14 +95,15 @@ def cap_memory(gib: float) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GiB / total))
 
 
-def run_qmath(args: argparse.Namespace, precision: str, backend: str, config: str = "t4x2") -> dict[str, Any]:
+def run_qmath(args: argparse.Namespace, precision: str, backend: str, rollout_dtype: str | None = None,
+              config: str = "t4x2") -> dict[str, Any]:
     from benchmarks import memory
 
     options = ["--workdir", args.workdir, "--prompt-length", str(args.prompt_length), "--steps", str(args.steps),
                "--tokenizer", args.tokenizer, "--config", config] + (["--small"] if args.tiny else [])
     fit = ["--trainer.precision", precision, "--model.max_completion_length", str(args.length),
            "--model.generation_kwargs", json.dumps({"min_new_tokens": args.length}),
-           "--model.generation_backend", backend]
+           "--model.generation_backend", backend] + (["--model.rollout_dtype", rollout_dtype] if rollout_dtype else [])
     result = memory.main([*options, "--", *fit])
     history = result["history"]
     completions = result["completions"] * result["completion_length_mean"]
@@ -121,7 +124,8 @@ def run_qmath(args: argparse.Namespace, precision: str, backend: str, config: st
             "completion_length": result["completion_length_mean"],
             "completions": result["completions"], "prompt_length": result["prompt_length"],
             "decoding": result.get("decoding"), "graphs": result.get("graphs"),
-            "compile_error": result.get("compile_error")}
+            "compile_error": result.get("compile_error"), "rollout_copy_gib": result.get("rollout_copy", 0),
+            "rollout_bytes_per_parameter": 2 if rollout_dtype else 4}
 
 
 def run_trl(args: argparse.Namespace) -> dict[str, Any]:
@@ -220,7 +224,7 @@ def run_decoding_check(args: argparse.Namespace) -> dict[str, Any]:
         logits = model(input_ids=full, attention_mask=full_mask,
                        position_ids=(full_mask.cumsum(1) - 1).clamp(min=0)).logits[:, ids.size(1) - 1:-1].float()
     scores = logits.reshape(-1, logits.size(-1))
-    for warper in samplers["compiled"].decoders[True].warpers:
+    for warper in samplers["compiled"].decoders[False, True].warpers:
         scores = warper(None, scores)
     expected = scores.log_softmax(-1).gather(-1, drawn[0].ids.reshape(-1, 1)).view_as(drawn[0].ids) * drawn[0].mask
     for rows, is_greedy in ((16, True), (5, True), (16, False), (8, False), (4, False)):  # held-out, maj@k, refills
@@ -358,6 +362,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.role:  # inside a child process
         torch.manual_seed(0)
         cap_memory(args.memory_gib)
+        if args.tiny:  # the float16 roles' code path on any CPU, even one that would decode fp16 slower than fp32
+            import qmath.policy
+
+            qmath.policy._emulated = lambda *_: False
         if args.role == CHECK:
             result = run_decoding_check(args)
         elif args.role == REHEARSAL:
@@ -408,9 +416,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "qmath's loop (eager) / transformers' generate step time": (
                              "qmath 32-true eager", "qmath 32-true transformers"),
                          "16-mixed / 32-true step time (compiled)": ("qmath 16-mixed compiled",
-                                                                     "qmath 32-true compiled")}.items():
+                                                                     "qmath 32-true compiled"),
+                         "float16 rollouts / fp32 rollouts step time": ("qmath 32-true compiled float16",
+                                                                        "qmath 32-true compiled"),
+                         "float16 rollouts / fp32 rollouts step time (LoRA)": (
+                             "qmath-lora 32-true compiled float16", "qmath-lora 32-true compiled")}.items():
         if a in step and b in step:
             report["ratios"][name] = step[a] / step[b]
+            if name.startswith("float16 rollouts"):
+                report["ratios"][name.replace("step time", "decode per token")] = (
+                    ok[a]["decode_ms_per_token"] / ok[b]["decode_ms_per_token"])
     for eager_role, compiled_role in (("qmath 32-true eager", "qmath 32-true compiled"),
                                       ("qmath 32-true transformers", "qmath 32-true transformers-compiled")):
         if {eager_role, compiled_role} <= ok.keys():  # compile (and capture) time: the first step's extra

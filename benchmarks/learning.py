@@ -55,6 +55,7 @@ TRAINING_ONLY = ("--model.temperature", "--model.top_p", "--model.top_k", "--mod
                  "--model.loss_type", "--model.scale_rewards", "--model.num_iterations", "--model.num_generations",
                  "--model.mask_truncated_completions", "--model.dynamic_sampling", "--model.max_sampling_rounds",
                  "--model.rewards", "--model.optimizer", "--model.lr_scheduler", "--model.gradient_checkpointing",
+                 "--model.rollout_",  # rollout_dtype and its correction: evaluation reads the policy
                  "--data.difficulty", "--data.num_train", "--data.batch_size", "--data.num_workers")
 
 

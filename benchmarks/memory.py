@@ -137,7 +137,7 @@ def install(probe: Probe, logits: str, prompt_sharing: bool = True) -> dict[str,
 
     def timed_logps(self, model, rollout):
         if logits == "full":
-            self._linear_heads[id(model)] = False  # the full-logits path
+            self.forms.linear_heads[id(model)] = False  # the full-logits path
         # with LoRA the reference is the policy with its adapters off, run without gradients
         name = "policy forward" if model is self.policy and torch.is_grad_enabled() else "reference forward"
         with probe.phase(name):
@@ -175,6 +175,8 @@ def install(probe: Probe, logits: str, prompt_sharing: bool = True) -> dict[str,
             probe.marks["parameters"] = sum(p.numel() for p in pl_module.parameters())
             probe.marks["head parameters"] = pl_module.policy.get_output_embeddings().weight.numel()
             probe.marks["reference"] = nbytes(pl_module.reference.parameters()) if pl_module.reference else 0
+            copy = pl_module.forms.rollout_model
+            probe.marks["rollout copy"] = nbytes(copy.parameters()) if copy is not None else 0
 
     seen["callback"] = Hooks()
     return seen
@@ -300,7 +302,7 @@ def report(args: argparse.Namespace, device: torch.device, probe: Probe, seen: d
     marks, phases = probe.marks, probe.phases
     peak_phase = max(phases, key=lambda p: phases[p]["peak"])
     peak = phases[peak_phase]["peak"]
-    static = marks["weights"] + marks["reference"] + marks["optimizer states"]
+    static = marks["weights"] + marks["reference"] + marks["rollout copy"] + marks["optimizer states"]
     base = marks["step start"]  # weights, reference and AdamW states (+ libraries on CPU); no gradients
     # from backward on, the gradients are live too; they have their own row
     grads = marks["gradients"] if peak_phase in ("backward", "optimizer step") else 0
@@ -317,6 +319,7 @@ def report(args: argparse.Namespace, device: torch.device, probe: Probe, seen: d
         "prompt_length": seen["prompt_length"], "completions": len(lengths),
         "completion_length_mean": sum(lengths) / len(lengths),
         "weights": marks["weights"] / GiB, "reference": marks["reference"] / GiB,
+        "rollout_copy": marks["rollout copy"] / GiB,
         "optimizer_states": marks["optimizer states"] / GiB, "gradients": marks["gradients"] / GiB,
         "step_start": base / GiB, "libraries": libraries / GiB,
         "activations_and_logits": dynamic / GiB,
@@ -339,6 +342,7 @@ def report(args: argparse.Namespace, device: torch.device, probe: Probe, seen: d
           f"({result['prompt_length']} prompt + {result['completion_length_mean']:.0f} completion) tokens")
     print("| component | GiB |\n|---|---:|")
     rows = [("weights (policy, fp32)", result["weights"]), ("reference model (fp32)", result["reference"]),
+            ("rollout copy (model.rollout_dtype)", result["rollout_copy"]),
             ("AdamW states", result["optimizer_states"]), ("gradients", result["gradients"]),
             (f"activations, logits and temporaries at the peak ({peak_phase})", result["activations_and_logits"]),
             ("policy forward: saved activations + log-prob head (logits)", result["policy_forward_increase"])]

@@ -79,7 +79,7 @@ class Rehearse(Callback):
     def _write(self, pl_module: Any) -> None:
         sampler = pl_module.sampler
         self.record |= {"decoding": sampler.mode(pl_module.device), "graphs": len(sampler.graphs),
-                        "planned_graphs": len(sampler.shapes.rows) if sampler.shapes else None,
+                        "planned_graphs": sampler.planned_graphs() if sampler.shapes else None,
                         "compile_error": sampler.compile_error}
         tmp = self.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.record))

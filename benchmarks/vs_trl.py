@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPTS_PER_STEP, G, BETA, LR, TEMPERATURE = 2, 4, 0.04, 1e-5, 0.5
 # qmath: the embedded default's generation backend (auto: qmath's decode loop, eager on CPU); qmath-transformers:
 # transformers' generate, qmath's backend before its own loop; qmath-compiled: the loop's compiled step
-ROLES = ["qmath", "qmath-transformers", "qmath-compiled", "trl", "floor"]
+ROLES = ["qmath", "qmath-bf16", "qmath-transformers", "qmath-compiled", "trl", "floor"]
+QMATH_ROLES = ("qmath", "qmath-bf16", "qmath-transformers", "qmath-compiled")
 
 
 def write_prompts(path: Path, model: str, rows: int = 64) -> list[dict[str, str]]:
@@ -67,8 +68,10 @@ class StepTimer(Callback):
         StepTimer.times.append(time.perf_counter() - self.start)
 
 
-def run_qmath(args: argparse.Namespace, prompts: list[dict[str, str]], backend: str = "auto") -> dict[str, Any]:
-    """``python -m qmath fit`` on the embedded default's config, with only the benchmark's settings changed."""
+def run_qmath(args: argparse.Namespace, prompts: list[dict[str, str]], backend: str = "auto",
+              rollout_dtype: str | None = None) -> dict[str, Any]:
+    """``python -m qmath fit`` on the embedded default's config, with only the benchmark's settings changed
+    (``rollout_dtype``: rollouts from a copy of the policy in that dtype)."""
     import yaml
 
     from qmath.__main__ import main
@@ -84,7 +87,7 @@ def run_qmath(args: argparse.Namespace, prompts: list[dict[str, str]], backend: 
         "model": {"model_name_or_path": args.model, "num_generations": G, "max_completion_length": args.length,
                   "generation_kwargs": {"min_new_tokens": args.length}, "temperature": TEMPERATURE, "beta": BETA,
                   "loss_type": "grpo", "scale_rewards": "group", "num_iterations": 1,
-                  "gradient_checkpointing": False, "generation_backend": backend,
+                  "gradient_checkpointing": False, "generation_backend": backend, "rollout_dtype": rollout_dtype,
                   "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": LR}}},
         "data": {"path": str(work / "problems.jsonl"), "batch_size": PROMPTS_PER_STEP, "max_prompt_length": 4096},
     }
@@ -232,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--length", type=int, default=96, help="tokens per completion, forced")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for every run")
     parser.add_argument("--only", nargs="+", choices=ROLES, default=["qmath", "qmath-transformers", "trl", "floor"],
-                        help="qmath-compiled: generation_backend compiled (on CPU it compiles for a minute or more)")
+                        help="qmath-compiled: generation_backend compiled (on CPU it compiles for a minute or more); "
+                        "qmath-bf16: rollouts from a bfloat16 copy of the policy (model.rollout_dtype)")
     parser.add_argument("--workdir", default=None, help="where prompts and results go (default: a temp dir)")
     parser.add_argument("--role", choices=ROLES, help=argparse.SUPPRESS)
     parser.add_argument("--prompts", help=argparse.SUPPRESS)
@@ -247,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prompts = json.loads(Path(args.prompts).read_text())
         result = {"qmath": run_qmath, "qmath-transformers": lambda a, p: run_qmath(a, p, "transformers"),
                   "qmath-compiled": lambda a, p: run_qmath(a, p, "compiled"), "trl": run_trl,
+                  "qmath-bf16": lambda a, p: run_qmath(a, p, rollout_dtype="bfloat16"),
                   "floor": run_floor}[args.role](args, prompts)
         Path(args.out).write_text(json.dumps(result))
         return {}
@@ -275,7 +280,7 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"\nGRPO step, {PROMPTS_PER_STEP} prompts x G={G}, {report['length']} tokens each, fp32, "
           f"{report['threads']} threads, median of steps 2..{report['steps']}:")
     print(f"{'':<28}{'step (s)':>10}{'generate (s)':>14}{'peak RSS (GiB)':>16}")
-    for role in ("qmath", "qmath-transformers", "qmath-compiled", "trl"):
+    for role in (*QMATH_ROLES, "trl"):
         if role in report:
             r = report[role]
             generate = f"{r['generate_s']:>14.2f}" if "generate_s" in r else f"{'':>14}"
@@ -297,7 +302,7 @@ def print_report(report: dict[str, Any]) -> None:
     if "qmath" in report and "floor" in report:
         report["qmath_over_floor"] = report["qmath"]["step_s"] / report["floor"]["total"]
         print(f"qmath / floor: {report['qmath_over_floor']:.2f} (target <= 1.05)")
-    for role in ("qmath", "qmath-transformers", "qmath-compiled"):
+    for role in QMATH_ROLES:
         if role in report and "hardware_floor" in report and "generate_s" in report[role]:
             floor = report["hardware_floor"]["parts"]["generate"]
             report[f"{role}_generate_over_floor"] = report[role]["generate_s"] / floor

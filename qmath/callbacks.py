@@ -140,7 +140,14 @@ class RunSummary(Callback):
         sampler = getattr(pl_module, "sampler", None)
         if sampler is not None:
             pl_module.plan_decoding()  # (the module's own hook plans too, after this one)
-            lines.append(f"  decoding     {sampler.describe(trainer.strategy.root_device)}")
+            decoding = sampler.describe(trainer.strategy.root_device)
+            forms = getattr(pl_module, "forms", None)
+            copied = forms.copy_dtype(trainer.strategy.root_device) if forms is not None and stage == "fit" else None
+            if copied and sampler.rollout_model is None:  # the copy loads after this hook
+                decoding += f"; rollouts from a {copied} copy of the policy" + (
+                    f" ({hp.rollout_importance_sampling_mode} correction)" if
+                    hp.rollout_importance_sampling_correction else ", uncorrected")
+            lines.append(f"  decoding     {decoding}")
         if stage == "fit":
             prompts, accumulate = data.hparams.batch_size, trainer.accumulate_grad_batches
             g = hp.num_generations
@@ -154,6 +161,12 @@ class RunSummary(Callback):
             split = "validation" if stage == "validate" else stage
             lines.append(f"  data         {data.describe(split)}: {len(rows)} problems, greedy, up to "
                          f"{hp.max_completion_length} tokens" + (f"; maj@{hp.maj_k}" if hp.maj_k else ""))
+        return lines + RunSummary.outputs(trainer, stage)
+
+    @staticmethod
+    def outputs(trainer: Trainer, stage: str) -> list[str]:
+        """Where the run writes: logs, checkpoints, predictions."""
+        lines = []
         if trainer.log_dir and trainer.loggers:
             logs = trainer.log_dir
             board = Path(trainer.loggers[0].save_dir or ".")

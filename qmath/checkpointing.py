@@ -26,6 +26,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from qmath.errors import CheckpointError
+from qmath.rollout import Rollout
+from qmath.steps import NonFiniteError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -322,3 +324,43 @@ def _in_requeue_handler() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def save_state(module: Any, checkpoint: dict[str, Any]) -> None:
+    """What a GRPO checkpoint holds beyond Lightning's: with LoRA only the adapters of the weights; every rank's
+    random generators, in rank order (only rank 0's dict is written, and each rank draws its own numbers: LoRA
+    dropout over its own completions, a reward that uses `random`); the skipped steps; the base's identity; with
+    ``num_iterations`` > 1, every rank's rollout (a checkpoint may fall between the μ steps that reuse one)."""
+    if module.hparams.lora_r:
+        kept = module.forms.checkpointed_keys(set(checkpoint["state_dict"]))
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in kept}
+    bad = non_finite_weights(checkpoint.get("state_dict", {}))
+    if bad:
+        raise NonFiniteError(f"refusing to save a checkpoint with non-finite weights ({len(bad)} tensors, e.g. "
+                             f"{bad[0]}); the last saved checkpoint is kept")
+    world = module.trainer.world_size
+    checkpoint |= {"qmath_rng_states": from_every_rank(rng_states(), world),
+                   "qmath_skipped_steps": module.guard.skipped, "qmath_base": module.forms.base}
+    if module.hparams.num_iterations > 1:
+        own = {"micro_batches": [m.state() for m in module.micro_batches],
+               "stats": {k: v.cpu() for k, v in module.rollout_stats.items()}}
+        checkpoint["qmath_rollouts"] = from_every_rank(own, world)
+
+
+def load_state(module: Any, checkpoint: dict[str, Any]) -> None:
+    """Check that ``checkpoint`` fits ``module`` (LoRA options, base model, weight shapes) and restore what
+    :func:`save_state` added; each rank continues on its own rollout (with another number of ranks, the next step
+    samples anew). The generators are restored when training starts (``module._rng_states``)."""
+    check_lora_options(checkpoint.get("hyper_parameters", {}), module.hparams)
+    # a checkpoint from before weight decay spared biases and norms holds one parameter group: split it
+    checkpoint.update(two_decay_groups(checkpoint, module._trainable(), module.parameter_groups()))
+    own = module.state_dict()
+    kept = module.forms.checkpointed_keys(set(own))
+    check_base(checkpoint, module.forms.base, {k: v.shape for k, v in own.items() if k in kept})
+    module.guard.skipped = checkpoint.get("qmath_skipped_steps", 0)
+    world, rank = module.trainer.world_size, module.global_rank
+    module._rng_states = own_rng_states(checkpoint.get("qmath_rng_states"), rank, world)
+    rollouts = checkpoint.get("qmath_rollouts", [])
+    mine = rollouts[rank] if len(rollouts) == world else {}
+    module.micro_batches = [Rollout.from_state(m) for m in mine.get("micro_batches", [])]
+    module.rollout_stats = mine.get("stats", {})

@@ -164,7 +164,8 @@ def grouped_query_decoding(model: Any, decoder: Any = None) -> Iterator[None]:
 @contextlib.contextmanager
 def compile_settings() -> Iterator[None]:
     """What compiling a decode step needs: no DDPOptimizer (inside Lightning's DDP forward dynamo would split the
-    graph at every 25 MB of trainable parameters, which is for training graphs), and inductor's deterministic mode
+    graph at every 25 MB of trainable parameters, which is for training graphs), room for 16 graphs of the step,
+    and inductor's deterministic mode
     where it has one (no on-device benchmarking of kernel configs that change the rounding: a resumed process must
     compile the same kernels to draw the same tokens)."""
     import torch._dynamo
@@ -172,6 +173,10 @@ def compile_settings() -> Iterator[None]:
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch._dynamo.config.patch(optimize_ddp=False))
+        # one decode step's graphs share a limit per code object (8): a rollout copy compiles its own beside the
+        # policy's, so planned row counts x 2 models must fit
+        name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        stack.enter_context(torch._dynamo.config.patch(**{name: max(getattr(torch._dynamo.config, name), 16)}))
         if hasattr(torch._inductor.config, "deterministic"):
             stack.enter_context(torch._inductor.config.patch(deterministic=True))
         yield

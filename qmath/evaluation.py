@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qmath.generation import MAJ_K, seed_for
 from qmath.metrics import grade, majority_vote, strict_answer
 from qmath.rewards import parse_number
 
@@ -79,3 +80,45 @@ def grade_batch(batch: dict[str, Any], texts: list[str], lengths: Tensor, sample
 
 def _text(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+class HeldOutEvaluation:
+    """The LightningModule hooks of validation, test and predict: greedy answers of the held-out problems from the
+    module's ``sampler`` (and with ``hparams.maj_k`` a majority vote of sampled ones), graded into ``val_metrics``,
+    ``test_metrics`` and ``val_records``, or into prediction records."""
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_records = []
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.evaluate(batch, batch_idx, self.val_metrics, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.evaluate(batch, batch_idx, self.test_metrics, "test")
+
+    def answer(self, batch: dict[str, Any], samples: int = 0, seed: int = 0) -> tuple[list[str], Tensor]:
+        """Greedy completions of the batch's prompts (or ``samples`` sampled ones each, seeded), and their lengths."""
+        return self.sampler.answer(batch, samples, seed)
+
+    def evaluate(self, batch: dict[str, Any], batch_idx: int, metrics: torch.nn.ModuleDict, stage: str) -> None:
+        """Grade greedy answers (and, with ``maj_k``, a majority vote of samples); update and log ``metrics``."""
+        texts, lengths = self.answer(batch)
+        k = self.hparams.maj_k
+        # seeded by (seed, batch, rank), so that an evaluation repeats exactly
+        samples = self.answer(batch, k, seed_for(batch_idx, self.global_rank, stream=MAJ_K))[0] if k else None
+        answers, values = grade_batch(batch, texts, lengths, samples, k)
+        self.val_records += answers
+        for name, value in values.items():
+            metrics[name].update(value.to(self.device))
+            # the metric object, not a tensor: Lightning computes it once per epoch, summed over every rank
+            self.log(f"{stage}/{name}", metrics[name], on_step=False, on_epoch=True,
+                     prog_bar=name in ("accuracy_strict", "format_rate"), batch_size=max(1, len(answers)))
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Greedy answers, one record per problem; :class:`qmath.callbacks.WritePredictions` writes them in order."""
+        texts, lengths = self.answer(batch)
+        prompts = self.tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(batch["input_ids"],
+                                                                               batch["attention_mask"])])
+        return [a.prediction() for a in grade_batch(batch, texts, lengths, prompts=prompts)[0]]

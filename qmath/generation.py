@@ -173,13 +173,14 @@ class Sampler:
     ``merged``: a context in which ``model`` generates through other weights that compute the same function, such
     as LoRA adapters folded into the base (:class:`qmath.lora.MergedForGeneration`); ``None``: ``model`` as it is.
     ``sharded``: the weights are sharded (FSDP): generating is a collective, whose steps transformers keeps in
-    step across ranks.
+    step across ranks. ``rollout_model``: another copy of the policy (a half-precision one) that :meth:`rollout`
+    samples from; evaluation (:meth:`answer`) always reads ``model``.
     """
 
     def __init__(self, model: Any, tokenizer: Any, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int | None = None, generation_kwargs: dict[str, Any] | None = None,
                  backend: Backend = "eager", merged: Callable[[], AbstractContextManager] | None = None,
-                 sharded: bool = False) -> None:
+                 sharded: bool = False, rollout_model: Any = None) -> None:
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.max_new_tokens = max_new_tokens
         self.merged = merged or contextlib.nullcontext
@@ -194,7 +195,8 @@ class Sampler:
                                                  top_k=top_k, generation_kwargs=generation_kwargs)
         self._static: dict[tuple[bool, str], GenerationConfig] = {}  # their compiled-backend copies, per device
         self.shapes: DecodeShapes | None = None  # what compiled decoding may compile; see plan
-        self.graphs: set[tuple[int, int]] = set()  # the (rows, cache length) shapes compiled so far
+        # the (rows, cache length) shapes compiled so far, and (rows, cache length, "rollout copy") the copy's
+        self.graphs: set[tuple] = set()
         self.compile_error: str | None = None  # why compiling failed, after which every call decodes eagerly
         self._warned_outside = False
         sampling, rest = Sampling.of(temperature, top_k, top_p, generation_kwargs)
@@ -203,8 +205,24 @@ class Sampler:
         self.own_loop_unsupported = ("FSDP's sharded weights" if sharded else Decoder.unsupported(model)
                                      or (f"model.generation_kwargs {distorting}" if distorting else None))
         self.sharded = sharded
-        self.decoders = {compiled: Decoder(model, self.eos_ids, tokenizer.pad_token_id, max_new_tokens, sampling,
-                                           compiled) for compiled in (False, True)}
+        self._sampling = sampling
+        # keyed by (whether they decode from the rollout copy, whether compiled)
+        self.decoders = {(False, compiled): Decoder(model, self.eos_ids, tokenizer.pad_token_id, max_new_tokens,
+                                                    sampling, compiled) for compiled in (False, True)}
+        self.rollout_model: Any = None
+        self.use_rollout_model(rollout_model)
+
+    def use_rollout_model(self, model: Any) -> None:
+        """Sample :meth:`rollout`'s completions from ``model`` (another copy of the policy), ``None``: the policy."""
+        if model is self.rollout_model and (model is None or (True, False) in self.decoders):
+            return  # the same copy: keep its decoders, and their compiled graphs
+        self.rollout_model = model
+        for compiled in (False, True):
+            if model is None:
+                self.decoders.pop((True, compiled), None)
+            else:
+                self.decoders[True, compiled] = Decoder(model, self.eos_ids, self.tokenizer.pad_token_id,
+                                                        self.max_new_tokens, self._sampling, compiled)
 
     def mode(self, device: torch.device) -> str:
         """What decodes on ``device``: ``eager`` or ``compiled`` (qmath's loop), or ``transformers`` or
@@ -232,22 +250,25 @@ class Sampler:
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, greedy: bool = False,
-                 group: int = 1) -> Completions:
-        """Completions of each row's prompt; rows in runs of ``group`` copies of one prompt share its prefill."""
+                 group: int = 1, copied: bool = False) -> Completions:
+        """Completions of each row's prompt; rows in runs of ``group`` copies of one prompt share its prefill.
+        ``copied``: decode from ``rollout_model`` (when there is one)."""
         mode = self.mode(input_ids.device)
+        copied = copied and self.rollout_model is not None
+        model = self.rollout_model if copied else self.model
         out = None
         if mode.endswith("compiled"):
-            out = self._compiled(mode, input_ids, attention_mask, greedy, group)
+            out = self._compiled(mode, input_ids, attention_mask, greedy, group, copied)
         if out is None:
             own = mode in ("eager", "compiled")
-            with self._decoding(input_ids.device, own=own):
+            with self._decoding(input_ids.device, own=own, copied=copied):
                 if own:
-                    out = self.decoders[False].generate(input_ids, attention_mask, greedy, group)
+                    out = self.decoders[copied, False].generate(input_ids, attention_mask, greedy, group)
                 else:
                     config = self.greedy_config if greedy else self.sampling_config
-                    prefill = shared_prefill(self.model, input_ids, attention_mask, group)
-                    out = (self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                               generation_config=config, **prefill)[:, input_ids.size(1):], None)
+                    prefill = shared_prefill(model, input_ids, attention_mask, group)
+                    out = (model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                          generation_config=config, **prefill)[:, input_ids.size(1):], None)
         return self._completions(*out, sampled=not greedy)
 
     def _completions(self, ids: Tensor, logps: Tensor | None, sampled: bool) -> Completions:
@@ -258,27 +279,30 @@ class Sampler:
         return Completions(ids[:, :width].clone(), mask[:, :width].clone(), terminated.clone(), logps)
 
     @contextlib.contextmanager
-    def _decoding(self, device: torch.device, own: bool = False, compiled: bool = False) -> Iterator[None]:
+    def _decoding(self, device: torch.device, own: bool = False, compiled: bool = False,
+                  copied: bool = False) -> Iterator[None]:
         """Eval mode (no dropout) and the ``merged`` weights; for qmath's loop and compiled decoding also no
         autocast (the KV cache is in the weights' dtype; 16-mixed and bf16-mixed have fp32 weights, and decoding is
         bound by bandwidth and launches, not by matmul precision), no checkpointing input hook (a full-graph compile
         cannot trace it), and inference mode always (the grad mode is part of a compiled graph's key; Lightning
         validates in inference mode and trains in no_grad)."""
-        was_training = self.model.training
-        self.model.eval()
+        model = self.rollout_model if copied else self.model
+        was_training = model.training
+        model.eval()
         try:
             with contextlib.ExitStack() as context:
-                context.enter_context(self.merged())
+                if not copied:  # the copy has the adapters folded in already
+                    context.enter_context(self.merged())
                 if own or compiled:
                     context.enter_context(torch.autocast(device.type, enabled=False))
-                    context.enter_context(without_input_require_grads(self.model))
+                    context.enter_context(without_input_require_grads(model))
                     context.enter_context(torch.inference_mode())
                 yield
         finally:
-            self.model.train(was_training)
+            model.train(was_training)
 
     def _compiled(self, mode: str, input_ids: Tensor, attention_mask: Tensor, greedy: bool,
-                  group: int) -> tuple[Tensor, Tensor | None] | None:
+                  group: int, copied: bool = False) -> tuple[Tensor, Tensor | None] | None:
         """Decode through a compiled step, in one of the planned shapes; ``None`` where the call fits none of them
         or compiling failed (now or before): the caller then decodes eagerly, from the same random state."""
         if self.compile_error is not None:
@@ -297,24 +321,26 @@ class Sampler:
         device = input_ids.device
         rng = _rng_state(device)
         try:
-            with self._decoding(device, own=mode == "compiled", compiled=True):
+            with self._decoding(device, own=mode == "compiled", compiled=True, copied=copied):
                 if mode == "compiled":
-                    out = self.decoders[True].generate(input_ids, attention_mask, greedy, group, rows=padded,
-                                                       slots=shapes.cache_length, capacity=shapes.rows[-1])
+                    out = self.decoders[copied, True].generate(input_ids, attention_mask, greedy, group, rows=padded,
+                                                               slots=shapes.cache_length, capacity=shapes.rows[-1])
                 else:
                     with compile_settings():
-                        out = self._transformers_compiled(input_ids, attention_mask, greedy, padded), None
+                        out = self._transformers_compiled(input_ids, attention_mask, greedy, padded, copied), None
         except Exception as error:  # noqa: BLE001 - whatever broke the compile, the run goes on eagerly
             self.compile_error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
             log.warning("compiled decoding failed (%s); decoding eagerly from now on. Set "
                         "model.generation_backend: eager to skip compiling.", self.compile_error)
             _set_rng_state(device, rng)
             return None
-        self.graphs.add((padded, shapes.cache_length))
+        self.graphs.add((padded, shapes.cache_length, "rollout copy") if copied else (padded, shapes.cache_length))
         return out
 
-    def _transformers_compiled(self, input_ids: Tensor, attention_mask: Tensor, greedy: bool, padded: int) -> Tensor:
+    def _transformers_compiled(self, input_ids: Tensor, attention_mask: Tensor, greedy: bool, padded: int,
+                               copied: bool = False) -> Tensor:
         device = input_ids.device
+        model = self.rollout_model if copied else self.model
         if (greedy, device.type) not in self._static:
             base = self.greedy_config if greedy else self.sampling_config
             self._static[greedy, device.type] = _static(base, device, self.shapes.cache_length)
@@ -322,10 +348,19 @@ class Sampler:
         config.max_cache_len = self.shapes.cache_length  # (a plan only grows)
         rows, extra = input_ids.size(0), padded - input_ids.size(0)  # copies of the last row, dropped afterwards
         ids, mask = (torch.cat([x, x[-1:].expand(extra, -1)]) if extra else x for x in (input_ids, attention_mask))
-        return self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:rows, ids.size(1):]
+        return model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:rows, ids.size(1):]
 
     def describe(self, device: torch.device) -> str:
         """How generation on ``device`` decodes, for the start-up summary."""
+        described = self._describe(device)
+        if self.rollout_model is not None:
+            dtype = str(self.rollout_model.dtype).removeprefix("torch.")
+            described += f"; rollouts from a {dtype} copy of the policy" + (
+                ", uncorrected (transformers' generate gives no sampling log-probs)"
+                if self.mode(device).startswith("transformers") else "")
+        return described
+
+    def _describe(self, device: torch.device) -> str:
         mode = self.mode(device)
         why = f" ({self.own_loop_unsupported} need it)" if self.own_loop_unsupported else ""
         if mode == "transformers":
@@ -341,18 +376,23 @@ class Sampler:
         return f"qmath's decode loop, compiled{graphs} (pre-allocated KV cache, each prompt prefilled once per " \
                f"group); {planned}"
 
+    def planned_graphs(self) -> int:
+        """The most graphs compiled decoding may compile: one per planned row count and model decoded from."""
+        return len(self.shapes.rows) * (2 if self.rollout_model is not None else 1) if self.shapes else 0
+
     def graph_count(self) -> str:
         """How many graphs compiled decoding has compiled, against its bound."""
-        bound = f" (at most {len(self.shapes.rows)})" if self.shapes else ""
+        bound = f" (at most {self.planned_graphs()})" if self.shapes else ""
         failed = f"; compiling failed, decoding eagerly: {self.compile_error}" if self.compile_error else ""
         return f"compiled decoding: {len(self.graphs)} graph(s){bound}{failed}"
 
-    def generate_seeded(self, input_ids: Tensor, attention_mask: Tensor, seed: int, group: int = 1) -> Completions:
+    def generate_seeded(self, input_ids: Tensor, attention_mask: Tensor, seed: int, group: int = 1,
+                        copied: bool = False) -> Completions:
         """Sampled completions drawn from a generator seeded with ``seed``; the global RNGs are left as they were."""
         devices = [input_ids.device] if input_ids.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            return self.generate(input_ids, attention_mask, group=group)
+            return self.generate(input_ids, attention_mask, group=group, copied=copied)
 
     def decode(self, completion_ids: Tensor, mask: Tensor, prefixes: Sequence[str] | None) -> list[str]:
         """The completions' text, each after its response prefix (which was fed as prompt tokens)."""
@@ -364,7 +404,7 @@ class Sampler:
         """``group`` sampled completions per prompt of ``batch``, adjacent."""
         prompt_ids = batch["input_ids"].repeat_interleave(group, dim=0)
         prompt_mask = batch["attention_mask"].repeat_interleave(group, dim=0)
-        out = self.generate_seeded(prompt_ids, prompt_mask, seed, group=group)
+        out = self.generate_seeded(prompt_ids, prompt_mask, seed, group=group, copied=True)
         columns = {k: [v for v in values for _ in range(group)] for k, values in batch.items()
                    if isinstance(values, list)}
         return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=out.ids, completion_mask=out.mask,

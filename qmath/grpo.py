@@ -6,7 +6,8 @@ including the first EOS and 0 after it (padding). Nothing here knows about model
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,8 @@ from torch.utils.checkpoint import checkpoint
 
 ScaleRewards = Literal["group", "batch", "none"]
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+# TRL's vllm_importance_sampling_mode values: per token or per sequence; ratios out of bounds clipped or zeroed
+SamplingCorrection = Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
 
 
 def group_advantages(
@@ -173,6 +176,51 @@ def dapo_num_items(step_tokens: Tensor, micro_batches: int) -> Tensor:
     return step_tokens.float().clamp(min=1.0) / micro_batches
 
 
+def sampling_correction(
+    old_logps: Tensor, sampling_logps: Tensor, mask: Tensor, mode: SamplingCorrection = "sequence_mask",
+    clip_min: float | None = None, clip_max: float | None = 3.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Truncated importance weights ``π_old / π_sampling`` for completions drawn from another copy of the policy (a
+    half-precision one), TRL's ``vllm_importance_sampling_*`` formula: ``[B, T]`` for ``token_*`` modes, ``[B, 1]``
+    for ``sequence_*`` ones (the exponential of the sequence's *summed* log-ratio). ``*_truncate`` clamps the
+    ratios to ``[clip_min, clip_max]`` (``None``: unbounded on that side), ``*_mask`` sets the ratios outside it to 0.
+    The policy term of the per-token loss is multiplied by it (not the KL term); it carries no gradient.
+
+    Also returns TRL's statistics, each as the values to average or take the extreme of:
+    ``sampling/sampling_logp_difference/{mean,max}`` (``|old - sampling|`` on the masked tokens) and
+    ``sampling/importance_sampling_ratio/{min,mean,max}`` (the ratios of the masked tokens, or of the sequences).
+
+    >>> old, sampled = torch.tensor([[-1.0, -2.0, 0.0]]), torch.tensor([[-1.5, -1.0, -9.0]])
+    >>> mask = torch.tensor([[1, 1, 0]])
+    >>> sampling_correction(old, sampled, mask, "token_truncate", clip_max=1.5)[0]
+    tensor([[1.5000, 0.3679, 1.0000]])
+    >>> sampling_correction(old, sampled, mask, "sequence_mask")[0]  # exp(0.5 - 1.0)
+    tensor([[0.6065]])
+    """
+    diff = torch.nan_to_num((old_logps - sampling_logps) * mask, nan=0.0)  # a token without a sampling log-prob: 1
+    sequence = mode.startswith("sequence_")
+    if sequence:
+        diff = diff.sum(dim=-1, keepdim=True)
+    ratio = torch.exp(diff.detach())
+    if mode.endswith("_truncate"):
+        if clip_min is not None or clip_max is not None:
+            ratio = ratio.clamp(min=clip_min, max=clip_max)
+    elif mode.endswith("_mask"):
+        low = -math.inf if clip_min is None else clip_min
+        high = math.inf if clip_max is None else clip_max
+        ratio = ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+    else:
+        raise ValueError(f"unknown sampling correction {mode!r}: one of {', '.join(get_args(SamplingCorrection))}")
+    kept = mask.bool()
+    delta = (old_logps - sampling_logps).abs().detach()[kept]
+    delta = delta[~delta.isnan()]
+    ratios = ratio.flatten() if sequence else ratio[kept]
+    nothing = torch.zeros(1, device=ratio.device)  # TRL logs 0 for a batch without tokens
+    delta, ratios = delta if delta.numel() else nothing, ratios if ratios.numel() else nothing
+    stats = {f"sampling/sampling_logp_difference/{kind}": delta for kind in ("mean", "max")}
+    return ratio, stats | {f"sampling/importance_sampling_ratio/{kind}": ratios for kind in ("min", "mean", "max")}
+
+
 def grpo_loss(
     logps: Tensor,
     old_logps: Tensor,
@@ -185,15 +233,19 @@ def grpo_loss(
     loss_type: LossType = "grpo",
     max_completion_length: int | None = None,
     num_items: float | Tensor | None = None,
+    importance_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The GRPO loss: ``-(surrogate - β·KL)`` per token, reduced by :func:`aggregate` as ``loss_type`` says.
+
+    ``importance_weights``: :func:`sampling_correction`'s weights (``[B, T]`` or ``[B, 1]``), multiplying the
+    surrogate term of each token as TRL does; ``None``: the completions were drawn from the policy itself.
 
     Returns the scalar loss and detached statistics: ``kl`` (token mean, only when ``beta`` ≠ 0),
     ``clip_ratio/low_mean``, ``clip_ratio/high_mean`` and ``clip_ratio/region_mean`` (fractions of the tokens
     in ``mask``).
     """
     surrogate, low, high = clipped_surrogate(logps, old_logps, advantages, epsilon, epsilon_high)
-    per_token = -surrogate
+    per_token = -surrogate if importance_weights is None else -surrogate * importance_weights
     stats = {}
     if ref_logps is not None and beta != 0.0:
         kl = k3_kl(logps, ref_logps)

@@ -19,11 +19,17 @@ Where this differs from the paper:
   with its adapters off, which is exactly the frozen initial model without a second copy of it. Sampling folds the
   adapters into the base weights and restores the base from a host copy afterwards, not by subtraction, so that
   the reference stays bit for bit the initial model.
+- Optional half-precision rollouts (``rollout_dtype``): completions are sampled from a 16-bit copy of the policy
+  and trained in its own precision, with the sampling distribution's log-probs corrected against π_old by TRL's
+  truncated importance sampling (as TRL does for vLLM's rollouts); the copy is updated in place, never re-made.
 
-Where each part lives: the rollout is a :class:`qmath.rollout.Rollout`, sampled by :class:`qmath.generation.Sampler`
-(rollout), scored by :mod:`qmath.rewards` (score), turned into advantages and a loss by the pure functions of
-:mod:`qmath.grpo` on log-probs from :mod:`qmath.logprobs` (loss); held-out answers are graded by
-:mod:`qmath.evaluation`; what a checkpoint holds beyond Lightning's is :mod:`qmath.checkpointing`'s.
+Where each part lives: the policy in its forms (training weights, KL reference, rollout copy) is a
+:class:`qmath.policy.Policy`; the rollout is a :class:`qmath.rollout.Rollout`, sampled by
+:class:`qmath.generation.Sampler` (rollout), scored by :mod:`qmath.rewards` (score), turned into advantages and a
+loss by the pure functions of :mod:`qmath.grpo` on log-probs from :mod:`qmath.logprobs` (loss); dynamic sampling
+is :mod:`qmath.dynamic_sampling`'s, the logged statistics :mod:`qmath.stats`', the skipping of non-finite steps
+:mod:`qmath.steps`'; held-out answers are graded by :mod:`qmath.evaluation`; what a checkpoint holds beyond
+Lightning's is :mod:`qmath.checkpointing`'s.
 """
 
 from __future__ import annotations
@@ -38,41 +44,36 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torchmetrics import MaxMetric, MeanMetric, MinMetric, SumMetric
 
-from qmath.checkpointing import (
-    base_identity,
-    check_base,
-    check_lora_options,
-    from_every_rank,
-    non_finite_weights,
-    own_rng_states,
-    restore_rng_states,
-    rng_states,
-    two_decay_groups,
+from qmath.checkpointing import load_state, restore_rng_states, save_state
+from qmath.dynamic_sampling import resample
+from qmath.errors import ConfigError
+from qmath.evaluation import Answer, HeldOutEvaluation
+from qmath.generation import Backend, Sampler, check_generation_kwargs, seed_for
+from qmath.grpo import (
+    LossType,
+    SamplingCorrection,
+    ScaleRewards,
+    dapo_num_items,
+    group_advantages,
+    grpo_loss,
+    sampling_correction,
 )
-from qmath.compat import enable_activation_checkpointing
-from qmath.errors import ConfigError, QMathError
-from qmath.evaluation import Answer, grade_batch
-from qmath.generation import MAJ_K, PROMPTS, Backend, Sampler, check_generation_kwargs, ids_only, seed_for
-from qmath.grpo import LossType, ScaleRewards, dapo_num_items, group_advantages, grpo_loss
-from qmath.logprobs import head_is_linear, token_logps
-from qmath.lora import ALL_LINEAR, MergedForGeneration, add_adapters, trainable_keys
-from qmath.metrics import GRADES, grade
-from qmath.models import EMBEDDED_MODEL, download, load_model, load_tokenizer
+from qmath.lora import ALL_LINEAR
+from qmath.models import EMBEDDED_MODEL, download
+from qmath.optim import decay_groups, optimizers
+from qmath.policy import Policy, RolloutDtype
 from qmath.rewards import Reward, default_rewards, score
 from qmath.rollout import Rollout
+from qmath.stats import eval_metrics, rollout_stats, train_metrics
+from qmath.steps import FiniteSteps, NonFiniteError
 
 log = logging.getLogger(__name__)
 
-TRAIN_STATS = ["loss", "reward", "accuracy", "reward_std", "reward_std/group_mean", "frac_reward_zero_std",
-               "completions/mean_length", "completions/clipped_ratio", "kl", "clip_ratio/low_mean",
-               "clip_ratio/high_mean", "clip_ratio/region_mean", "dynamic_sampling/dropped_groups",
-               "dynamic_sampling/drawn_prompts", "completions_per_step"]
-EVAL_STATS = [*GRADES, "completions/mean_length"]
+__all__ = ["GRPO", "NonFiniteError"]
 
 
-class GRPO(LightningModule):
+class GRPO(HeldOutEvaluation, LightningModule):
     """Group Relative Policy Optimization of a causal LM on math word problems.
 
     Completions per optimizer step = ``data.batch_size`` prompts per micro-batch × ``num_generations`` (G) ×
@@ -87,15 +88,12 @@ class GRPO(LightningModule):
         temperature: sampling temperature for rollouts.
         top_p: nucleus sampling threshold for rollouts (1.0: off).
         top_k: top-k sampling for rollouts (``None``: off).
-        generation_backend: how completions are decoded: ``eager`` (qmath's decode loop: a pre-allocated KV cache,
-            each prompt prefilled once for its G copies, sampling on the device, each token's sampling log-prob),
-            ``compiled`` (the same loop with its step compiled, and captured as a CUDA graph on a GPU; the first
-            steps pay the compilation, of at most one graph per padded row count; a call outside the planned
-            shapes, or a failed compile, decodes eagerly with a warning), ``transformers`` or
-            ``transformers-compiled`` (transformers' ``generate``, with its dynamic or its static KV cache), or
-            ``auto``: compiled on CUDA, eager on CPU, where compiling was measured not to pay. What the loop does not
-            implement (a ``generation_kwargs`` logits processor other than ``min_new_tokens`` and a single-token
-            ``sequence_bias``; sliding-window attention; FSDP) decodes through transformers' ``generate``.
+        generation_backend: ``eager`` (qmath's decode loop: a pre-allocated KV cache, each prompt prefilled once
+            for its G copies, sampling on the device), ``compiled`` (its step compiled, and captured as a CUDA graph
+            on a GPU, one graph per planned row count; outside the plan, or if compiling fails, eager with a
+            warning), ``transformers`` or ``transformers-compiled`` (transformers' ``generate``, dynamic or static
+            KV cache), or ``auto``: compiled on CUDA, eager on CPU. What the loop lacks (logits processors other
+            than ``min_new_tokens`` and single-token ``sequence_bias``; sliding windows; FSDP) uses ``generate``.
         generation_kwargs: further ``generate`` arguments for rollouts, as TRL's option of that name, e.g.
             ``{min_new_tokens: 96}``. Nothing else of the model's own ``generation_config.json`` applies (Qwen2.5's
             ``repetition_penalty: 1.1`` would make the sampled distribution differ from the one the loss scores);
@@ -109,8 +107,6 @@ class GRPO(LightningModule):
         scale_rewards: divide advantages by the group's reward std (``group``), the whole step's (``batch``), or not
             at all (``none``, Dr. GRPO).
         num_iterations: optimizer steps per rollout (μ); above 1 the clip binds against the rollout's log-probs.
-            Completions per optimizer step = ``data.batch_size`` × ``num_generations`` ×
-            ``trainer.accumulate_grad_batches`` × devices × nodes, sampled once every ``num_iterations`` steps.
         mask_truncated_completions: completions cut off at ``max_completion_length`` count zero in the loss.
         dynamic_sampling: drop groups whose rewards all agree (no gradient) and refill the rollout with groups of
             further prompts (DAPO).
@@ -134,8 +130,18 @@ class GRPO(LightningModule):
         lora_target_modules: the layers that get adapters: PEFT's ``all-linear`` (every linear layer of attention
             and MLP, not the LM head) or a list of module names such as ``[q_proj, v_proj]``.
         lora_merge_for_generation: generate with the adapters folded into the base weights (one matmul per layer
-            instead of three, the same policy), restoring the base bit for bit from a copy in host memory (as much
-            host memory as the adapted layers' weights). Not under FSDP, whose weights are sharded.
+            instead of three), restoring the base bit for bit from a host copy of the adapted layers. Not under FSDP.
+        rollout_dtype: sample rollouts from a copy of the policy in this dtype (``float16``, ``bfloat16``), kept
+            up to date in place (LoRA: adapters folded in); where the device has no native kernels for it, from the
+            policy. ``None``: from the policy, uncorrected. Evaluation always reads the policy.
+        rollout_importance_sampling_correction: weigh each token's policy loss by ``π_old / π_copy`` (TRL's
+            ``vllm_importance_sampling_correction``) when rollouts come from the ``rollout_dtype`` copy.
+        rollout_importance_sampling_mode: TRL's ``vllm_importance_sampling_mode``: a ratio per token or per
+            sequence (``token_*``, ``sequence_*``), clipped into the bounds (``*_truncate``) or 0 outside (``*_mask``).
+            TRL 1.16 defaults to ``sequence_mask``; a sequence's ratio sums bf16's rounding noise over its tokens.
+        rollout_importance_sampling_clip_max: the ratios' upper bound (TRL's ``vllm_importance_sampling_clip_max``,
+            formerly ``_cap``); ``None``: none.
+        rollout_importance_sampling_clip_min: their lower bound; ``None``: none.
         trust_remote_code: allow model repositories to run their own Python code.
         optimizer: the optimizer, given the policy's parameters.
         lr_scheduler: an optional learning-rate schedule, stepped every optimizer step.
@@ -170,6 +176,11 @@ class GRPO(LightningModule):
         lora_dropout: float = 0.05,
         lora_target_modules: list[str] | str = ALL_LINEAR,
         lora_merge_for_generation: bool = True,
+        rollout_dtype: RolloutDtype | None = "bfloat16",
+        rollout_importance_sampling_correction: bool = True,
+        rollout_importance_sampling_mode: SamplingCorrection = "token_truncate",
+        rollout_importance_sampling_clip_max: float | None = 3.0,
+        rollout_importance_sampling_clip_min: float | None = None,
         trust_remote_code: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -182,25 +193,20 @@ class GRPO(LightningModule):
         if len(set(names)) != len(names):
             raise ConfigError(f"model.rewards: reward names must be unique, got {names}")
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        lora = {k: v for k, v in self.hparams.items() if k.startswith("lora_")}
+        # the policy in every form: training weights, KL reference, rollout copy (registered below as `policy`)
+        self.forms = Policy(model_name_or_path, trust_remote_code, temperature, num_generations,
+                            gradient_checkpointing, lora, rollout_dtype)
         self.policy: Any = None
         self.tokenizer: Any = None
         self.sampler: Sampler | None = None
-        # Accumulated over an optimizer step's micro-batches, then computed (synced across ranks) and reset; the
-        # length extremes over all of them, not a mean of each rank's extreme.
-        self.train_stats = torch.nn.ModuleDict(
-            {name: MeanMetric() for name in [f"rewards/{n}/mean" for n in names] + TRAIN_STATS}
-            | {"reward_errors": SumMetric(), "completions/min_length": MinMetric(),
-               "completions/max_length": MaxMetric()})
-        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, over the whole run
-        self.skipped_in_a_row = 0
-        self._loss_not_finite = False
+        # accumulated over an optimizer step's micro-batches, then computed across ranks and reset
+        self.train_stats = train_metrics(names)
+        self.guard = FiniteSteps(max_skipped_steps)  # skips the steps whose loss or gradient is not finite
         self._reward_errors = 0
         self._warned_rewards: set[str] = set()
-        self._linear_heads: dict[int, bool] = {}  # id(model) -> whether its log-probs can come from hidden states
-        evaluated = EVAL_STATS + ([f"accuracy_maj@{maj_k}", f"pass@{maj_k}"] if maj_k else [])
         # separate objects, so that a validation inside fit never mixes its counts with a test's
-        self.val_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in evaluated})
-        self.test_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in evaluated})
+        self.val_metrics, self.test_metrics = eval_metrics(maj_k), eval_metrics(maj_k)
         self.last_rollout: dict[str, list] = {}  # the latest scored completions, for LogCompletions
         self.micro_batches: list[Rollout] = []  # the current rollout, split for accumulation
         self.rollout_stats: dict[str, Tensor] = {}  # its statistics, logged at every step that trains on it
@@ -210,8 +216,8 @@ class GRPO(LightningModule):
 
     @property
     def reference(self) -> Any:
-        # Kept outside the module tree: never in the optimizer, the state dict or a checkpoint.
-        return self.__dict__.get("_reference")
+        """The frozen KL reference (full fine-tuning), kept outside the module tree; ``None`` until fit starts."""
+        return self.forms.reference
 
     def prepare_data(self) -> None:
         download(self.hparams.model_name_or_path)  # once per node; every rank loads from the cache in configure_model
@@ -219,82 +225,37 @@ class GRPO(LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        hp = self.hparams
-        self.tokenizer = load_tokenizer(hp.model_name_or_path, hp.trust_remote_code)
-        self.policy = load_model(hp.model_name_or_path, hp.trust_remote_code).train()  # from_pretrained gives eval
-        # every generate call gets qmath's explicit config: nothing of the checkpoint's may fill its gaps
-        self.policy.generation_config = ids_only(self.policy.generation_config)
-        if hp.gradient_checkpointing:
-            enable_activation_checkpointing(self.policy)
-        merged = None
+        hp, forms = self.hparams, self.forms
         sharded = isinstance(getattr(self._trainer, "strategy", None), FSDPStrategy)
-        if hp.lora_r:
-            self.policy = add_adapters(self.policy, hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules)
-            if hp.lora_merge_for_generation and not sharded:
-                merged = MergedForGeneration(self.policy)
+        forms.load(sharded)
+        self.policy, self.tokenizer = forms.model, forms.tokenizer
         self.sampler = Sampler(self.policy, self.tokenizer, hp.max_completion_length, hp.temperature, hp.top_p,
-                               hp.top_k, hp.generation_kwargs, hp.generation_backend, merged, sharded=sharded)
-        self._linear_heads[id(self.policy)] = head_is_linear(self.policy)
-        self._base = base_identity(hp.model_name_or_path, self.tokenizer)  # what a checkpoint's weights only fit
+                               hp.top_k, hp.generation_kwargs, hp.generation_backend, forms.merged, sharded=sharded)
 
     def on_fit_start(self) -> None:
         self.plan_decoding()
-        # Only training needs the reference; it is always the base weights, also when fit resumes a checkpoint.
-        hp = self.hparams
-        if hp.beta != 0.0 and self.reference is None and not hp.lora_r:  # LoRA: the adapters switched off
-            # in the policy's dtype: this hook runs outside Lightning's init context, where bf16-true and 16-true
-            # would have made the default dtype half precision
-            reference = load_model(hp.model_name_or_path, hp.trust_remote_code, dtype=self.policy.dtype)
-            self.__dict__["_reference"] = reference.eval().requires_grad_(False).to(self.device)
-            self._linear_heads[id(reference)] = head_is_linear(reference)
+        # Only training needs the reference and the rollout copy; the reference is always the base weights, also
+        # when fit resumes a checkpoint
+        self.forms.load_reference(self.device, self.hparams.beta)
+        self.sampler.use_rollout_model(self.forms.load_rollout_copy(self.device))
+        if self.sampler.rollout_model is not None and self.sampler.mode(self.device).startswith("transformers"):
+            rank_zero_warn(f"model.rollout_dtype: rollouts decode through transformers' generate here "
+                           f"({self.sampler.describe(self.device)}), which returns no sampling log-probs: they are "
+                           "not corrected for the copy's rounding. Use a generation_backend of qmath's loop, or "
+                           "rollout_dtype: null")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.hparams.lora_r:
-            kept = self._checkpointed_keys()
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in kept}
-        bad = non_finite_weights(checkpoint.get("state_dict", {}))
-        if bad:
-            raise NonFiniteError(f"refusing to save a checkpoint with non-finite weights ({len(bad)} tensors, e.g. "
-                                 f"{bad[0]}); the last saved checkpoint is kept")
-        # every rank's generators, in rank order: only rank 0's dict is written, and each rank draws its own numbers
-        # (LoRA dropout over its own completions, a reward that uses `random`)
-        checkpoint |= {"qmath_rng_states": from_every_rank(rng_states(), self.trainer.world_size),
-                       "qmath_skipped_steps": self.skipped_steps, "qmath_base": self._base}
-        if self.hparams.num_iterations > 1:  # a checkpoint may fall between the μ steps that reuse one rollout
-            own = {"micro_batches": [m.state() for m in self.micro_batches],
-                   "stats": {k: v.cpu() for k, v in self.rollout_stats.items()}}
-            checkpoint["qmath_rollouts"] = from_every_rank(own, self.trainer.world_size)
+        save_state(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_lora_options(checkpoint.get("hyper_parameters", {}), self.hparams)
-        # a checkpoint from before weight decay spared biases and norms holds one parameter group: split it
-        checkpoint.update(two_decay_groups(checkpoint, self._trainable(), self.parameter_groups()))
-        kept = self._checkpointed_keys()
-        shapes = {k: v.shape for k, v in self.state_dict().items() if k in kept}
-        check_base(checkpoint, self._base, shapes)
-        self.skipped_steps = checkpoint.get("qmath_skipped_steps", 0)
-        self._rng_states = own_rng_states(checkpoint.get("qmath_rng_states"), self.global_rank,
-                                          self.trainer.world_size)
-        # each rank continues on its own rollout; with another number of ranks, the next step samples anew
-        rollouts = checkpoint.get("qmath_rollouts", [])
-        own = rollouts[self.global_rank] if len(rollouts) == self.trainer.world_size else {}
-        self.micro_batches = [Rollout.from_state(m) for m in own.get("micro_batches", [])]
-        self.rollout_stats = own.get("stats", {})
+        load_state(self, checkpoint)
+        self.forms.stale = True  # the rollout copy holds the weights from before the checkpoint
 
     def on_train_start(self) -> None:
         if getattr(self, "_rng_states", None):
             restore_rng_states(self._rng_states)
             self._rng_states = None
         self.micro_batches = [m.to(self.device) for m in self.micro_batches]
-
-    def on_validation_start(self) -> None:
-        self.plan_decoding()
-
-    def on_test_start(self) -> None:
-        self.plan_decoding()
-
-    def on_predict_start(self) -> None:
-        self.plan_decoding()
 
     def plan_decoding(self) -> None:
         """Fix compiled decoding's shapes before the first call (:meth:`qmath.generation.Sampler.plan`): a KV cache
@@ -308,35 +269,18 @@ class GRPO(LightningModule):
         rows = max(data.hparams.batch_size * accumulate * hp.num_generations, data.eval_batch_size * (hp.maj_k or 1))
         self.sampler.plan(data.longest_prompt(), rows)
 
-    def _checkpointed_keys(self) -> set[str]:
-        """The weights a checkpoint holds: all of the policy's, or with LoRA its adapters only."""
-        if self.hparams.lora_r:
-            return {f"policy.{k}" for k in trainable_keys(self.policy)}
-        return set(self.state_dict())
+    on_validation_start = on_test_start = on_predict_start = plan_decoding
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer(self.parameter_groups())
-        if len(optimizer.param_groups) > 1 and not optimizer.defaults.get("weight_decay"):
-            optimizer = self.optimizer(self._trainable())  # one group will do, in the parameters' own order
-        if self.lr_scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+        return optimizers(self.optimizer, self.lr_scheduler, self.parameter_groups(), self._trainable())
 
     def _trainable(self) -> list[Tensor]:
         return [p for p in self.parameters() if p.requires_grad]
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """The trainable parameters in HF Trainer's (and so TRL's) two groups: weight decay on the weights, none on
-        biases and normalisation weights (Qwen2's q/k/v biases, RMSNorm's scales). Empty groups are left out."""
-        from transformers import Trainer
-
-        # Trainer's own rule (it does not use `self`), not a copy of it: LayerNorm modules and names with bias/norm
-        decayed = {f"policy.{n}" for n in Trainer.get_decay_parameter_names(None, self.policy)}
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        # named: LearningRateMonitor logs lr-AdamW/decay and lr-AdamW/no_decay (the same schedule)
-        groups = [{"params": [p for n, p in named if n in decayed], "name": "decay"},
-                  {"params": [p for n, p in named if n not in decayed], "weight_decay": 0.0, "name": "no_decay"}]
-        return [g for g in groups if g["params"]]
+        """The trainable parameters in HF Trainer's two groups: weight decay on the weights, none on biases and
+        normalisation weights."""
+        return decay_groups(self.named_parameters(), self.policy)
 
     # -- rollout -------------------------------------------------------------------------------------------------
     def rollout(self, batch: dict[str, Any], round_: int = 0) -> Rollout:
@@ -345,43 +289,8 @@ class GRPO(LightningModule):
         # different prompts on each rank. Sampling is seeded by (seed, step, rank, round) instead: independent
         # across ranks, and a pure function of the step, so a resumed run samples exactly as before.
         seed = seed_for(self.trainer.global_step, self.global_rank, round_)
+        self.forms.refresh()  # the rollout copy, if any, takes the weights of the latest steps
         return self.sampler.rollout(batch, self.hparams.num_generations, seed)
-
-    def resample(self, rollout: Rollout, raw: Tensor) -> tuple[Rollout, Tensor, dict[str, Tensor]]:
-        """DAPO's dynamic sampling: keep the groups whose rewards differ, refilling from further prompts."""
-        g = self.hparams.num_generations
-        wanted = len(rollout) // g
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if not hasattr(datamodule, "draw"):
-            raise ConfigError("model.dynamic_sampling needs a data module with a draw(n, seed) method, such as "
-                               "qmath.data.GSM8K, to take further prompts from")
-        informative = self._informative(raw)
-        dropped, drawn = int((~informative).sum()), 0
-        for round_ in range(self.hparams.max_sampling_rounds):
-            missing = wanted - int(informative.sum())
-            # All ranks run a round while any rank needs one: under FSDP, generate is a collective. A rank that
-            # needs none samples one prompt to keep in step, and keeps its own groups.
-            if not self.trainer.strategy.reduce_boolean_decision(missing > 0, all=False):
-                break
-            missing = max(missing, 1)
-            seed = seed_for(self.trainer.global_step, self.global_rank, round_, stream=PROMPTS)
-            extra = self.rollout(_to_device(datamodule.draw(missing, seed), self.device), round_ + 1)
-            extra_raw = self.score(extra)
-            extra_informative = self._informative(extra_raw)
-            rollout = rollout.cat(extra, self.tokenizer.pad_token_id)
-            raw = torch.cat([raw, extra_raw], dim=1)
-            informative = torch.cat([informative, extra_informative])
-            dropped, drawn = dropped + int((~extra_informative).sum()), drawn + missing
-        # informative groups first; if still short, top up with uninformative ones (they carry only the KL term)
-        order = torch.cat([informative.nonzero().flatten(), (~informative).nonzero().flatten()])[:wanted]
-        rows = (order.sort().values[:, None] * g + torch.arange(g, device=order.device)).flatten()
-        stats = {"dynamic_sampling/dropped_groups": torch.tensor(float(dropped)),
-                 "dynamic_sampling/drawn_prompts": torch.tensor(float(drawn))}
-        return rollout.select(rows), raw[:, rows], stats
-
-    def _informative(self, raw: Tensor) -> Tensor:
-        total = self._total(raw).view(-1, self.hparams.num_generations)
-        return (total.max(dim=1).values - total.min(dim=1).values) > 1e-6
 
     # -- score ---------------------------------------------------------------------------------------------------
     def score(self, rollout: Rollout) -> Tensor:
@@ -396,30 +305,23 @@ class GRPO(LightningModule):
         self._reward_errors += sum(errors.values())
         return torch.tensor(raw, device=self.device)
 
-    def _total(self, raw: Tensor) -> Tensor:
+    def total_reward(self, raw: Tensor) -> Tensor:
+        """The weighted sum of the reward components of each completion, ``[B]``."""
         weights = torch.tensor([r.weight for r in self.rewards], device=raw.device, dtype=raw.dtype)
         return (weights[:, None] * raw).sum(dim=0)
 
     def advantages(self, rollout: Rollout, raw: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Group-relative advantages of the weighted reward, and the step's reward and length statistics."""
         hp = self.hparams
-        total = self._total(raw)
+        total = self.total_reward(raw)
         # the whole step's rewards, every rank's: for "batch" scaling and TRL's reward_std
         everyone = self.all_gather(total).flatten()
         advantages, group_std = group_advantages(total, hp.num_generations, hp.scale_rewards, batch_rewards=everyone)
-        lengths = rollout.completion_mask.sum(dim=1).float()
-        stats = {f"rewards/{r.name}/mean": raw[i] for i, r in enumerate(self.rewards)} | {
-            "reward": total, "reward_std": everyone.std(),  # TRL's: the std of all the step's rewards
-            "reward_std/group_mean": group_std[:: hp.num_generations],
-            "frac_reward_zero_std": (group_std[:: hp.num_generations] < 1e-6).float(),
-            "completions/mean_length": lengths, "completions/min_length": lengths.min(),
-            "completions/max_length": lengths.max(), "completions/clipped_ratio": (~rollout.terminated).float(),
-            "reward_errors": torch.tensor(float(self._reward_errors))}
-        if "answer" in rollout.columns:  # the samples' strict accuracy, whatever the rewards are
-            stats["accuracy"] = torch.tensor(grade(rollout.texts, rollout.columns["answer"])["accuracy_strict"],
-                                             dtype=torch.float)
+        names = [r.name for r in self.rewards]
+        stats = rollout_stats(rollout, raw, total, everyone, group_std, hp.num_generations, names)
+        stats["reward_errors"] = torch.tensor(float(self._reward_errors))
         self.last_rollout = {"question": rollout.columns.get("question", []), "completion": rollout.texts,
-                             **{r.name: raw[i].tolist() for i, r in enumerate(self.rewards)},
+                             **{name: raw[i].tolist() for i, name in enumerate(names)},
                              "reward": total.tolist(), "advantage": advantages.tolist()}
         return advantages, stats
 
@@ -429,7 +331,7 @@ class GRPO(LightningModule):
         rollout = self.rollout(batch)
         raw, stats = self.score(rollout), {}
         if self.hparams.dynamic_sampling:
-            rollout, raw, stats = self.resample(rollout, raw)
+            rollout, raw, stats = resample(self, rollout, raw)
         advantages, scored = self.advantages(rollout, raw)
         loss_mask = rollout.completion_mask
         if self.hparams.mask_truncated_completions:  # a cut-off answer is neither right nor wrong: no signal
@@ -447,17 +349,12 @@ class GRPO(LightningModule):
     # -- loss ----------------------------------------------------------------------------------------------------
     def token_logps(self, model: Any, rollout: Rollout) -> Tensor:
         """Log-probs of the completion tokens under ``model`` at the sampling temperature, ``[B, T]``."""
-        linear = self._linear_heads.get(id(model))
-        if linear is None:  # a model other than the policy and the reference
-            linear = head_is_linear(model)
-        return token_logps(model, rollout, self.hparams.temperature, self.hparams.num_generations, linear)
+        return self.forms.logps(model, rollout)
 
     def reference_logps(self, micro: Rollout) -> Tensor:
         """The KL reference's log-probs: the frozen copy, or with LoRA the policy with its adapters off."""
-        if self.hparams.lora_r:
-            with self.policy.disable_adapter():  # PEFT's: the base model, for the block's duration
-                return self.token_logps(self.policy, micro)
-        return self.token_logps(self.reference, micro)
+        with self.forms.as_reference() as reference:
+            return self.token_logps(reference, micro)
 
     def loss(self, micro: Rollout) -> Tensor:
         hp = self.hparams
@@ -465,13 +362,34 @@ class GRPO(LightningModule):
         # The first pass over a rollout runs before any optimizer step on it: its log-probs are π_old's.
         if micro.old_logps is None:
             micro.old_logps = logps.detach()
-        if micro.ref_logps is None and (self.reference is not None or (hp.lora_r and hp.beta != 0.0)):
+            micro.importance_weights = self.correction(micro)
+        if micro.ref_logps is None and self.forms.needs_reference(hp.beta):
             with torch.no_grad():
                 micro.ref_logps = self.reference_logps(micro)
         loss, stats = grpo_loss(logps, micro.old_logps, micro.advantages, micro.loss_mask, micro.ref_logps, hp.beta,
-                                hp.epsilon, hp.epsilon_high, hp.loss_type, hp.max_completion_length, micro.num_items)
+                                hp.epsilon, hp.epsilon_high, hp.loss_type, hp.max_completion_length, micro.num_items,
+                                micro.importance_weights)
         self._log_stats({**stats, "loss": loss})
         return loss
+
+    def correction(self, micro: Rollout) -> Tensor | None:
+        """The importance weights of completions sampled from the rollout copy against π_old; ``None`` when they
+        came from the policy itself (``rollout_dtype: null``) or without sampling log-probs (transformers'
+        ``generate`` decoded them), and then nothing is corrected."""
+        hp = self.hparams
+        if self.forms.rollout_model is None or micro.sampling_logps is None:
+            return None
+        finite = torch.isfinite(micro.sampling_logps).all(dim=1, keepdim=True)
+        if not finite.all():  # a copy whose logits overflowed (fp16): those tokens would count as ratio 1
+            log.warning("step %d: %d completions have non-finite log-probs under the rollout copy (fp16 overflow?) "
+                        "and get no loss", self.trainer.global_step, int((~finite).sum()))
+            micro.loss_mask = micro.loss_mask * finite
+        weights, stats = sampling_correction(micro.old_logps, micro.sampling_logps, micro.loss_mask,
+                                             hp.rollout_importance_sampling_mode,
+                                             hp.rollout_importance_sampling_clip_min,
+                                             hp.rollout_importance_sampling_clip_max)
+        self._log_stats(stats)
+        return weights if hp.rollout_importance_sampling_correction else None
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         accumulate = self.trainer.accumulate_grad_batches
@@ -483,43 +401,17 @@ class GRPO(LightningModule):
             self._log_stats(self.rollout_stats)
         loss = self.loss(self.micro_batches[slot % accumulate])
         if not torch.isfinite(loss):
-            self._loss_not_finite = True
+            self.guard.loss_not_finite = True
         if (batch_idx + 1) % accumulate == 0:
             self._flush_stats()
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Skip the step when the loss or a gradient is not finite, so that no NaN reaches the weights or Adam.
-
-        Under 16-mixed, fp16 gradients that overflow are the GradScaler's to handle: it skips that step itself and
-        lowers its scale, which is how it finds the scale to use, so only a non-finite loss counts there.
-        """
-        finite = not self._loss_not_finite
-        self._loss_not_finite = False
-        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            norms = torch.stack(torch._foreach_norm(grads)) if grads else torch.zeros(1, device=self.device)
-            finite = finite and bool(torch.isfinite(norms).all())
-        # all ranks must agree (under FSDP each sees only its shard of the gradients)
-        finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if finite:
-            self.skipped_in_a_row = 0
-        else:
-            for p in self.parameters():
-                p.grad = None  # AdamW leaves a parameter without a gradient untouched, decay and moments included
-            self.skipped_steps += 1
-            self.skipped_in_a_row += 1
-            log.warning("step %d: non-finite loss or gradient; the optimizer step is skipped (%d in a row)",
-                        self.trainer.global_step, self.skipped_in_a_row)
-        self.log("train/skipped_steps", float(self.skipped_steps))
-        if self.skipped_in_a_row >= self.hparams.max_skipped_steps:
-            raise NonFiniteError(
-                f"{self.skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient (model."
-                f"max_skipped_steps={self.hparams.max_skipped_steps}), the last at step {self.trainer.global_step}. "
-                "The weights are the last finite ones and no checkpoint holds a NaN. Lower the learning rate, clip "
-                "gradients harder (trainer.gradient_clip_val), or check the rewards and the model's precision; "
-                "resume with --ckpt_path last."
-            )
+        """Skip the step when the loss or a gradient is not finite, so that no NaN reaches the weights or Adam."""
+        if self.guard.check(self):
+            self.forms.stale = True  # the step changes the weights the rollout copy holds
+        self.log("train/skipped_steps", float(self.guard.skipped))
+        self.guard.enforce_limit(self.trainer.global_step)
 
     def _log_stats(self, stats: dict[str, Tensor]) -> None:
         for name, value in stats.items():
@@ -532,49 +424,6 @@ class GRPO(LightningModule):
             if metric.update_called:
                 self.log(f"train/{name}", metric.compute(), prog_bar=name in ("reward", "accuracy", "loss"))
                 metric.reset()
-
-    # -- evaluation: greedy answers on held-out problems -------------------------------------------------------
-    def on_validation_epoch_start(self) -> None:
-        self.val_records = []
-
-    def on_test_epoch_start(self) -> None:
-        self.val_records = []
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.evaluate(batch, batch_idx, self.val_metrics, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.evaluate(batch, batch_idx, self.test_metrics, "test")
-
-    def answer(self, batch: dict[str, Any], samples: int = 0, seed: int = 0) -> tuple[list[str], Tensor]:
-        """Greedy completions of the batch's prompts (or ``samples`` sampled ones each, seeded), and their lengths."""
-        return self.sampler.answer(batch, samples, seed)
-
-    def evaluate(self, batch: dict[str, Any], batch_idx: int, metrics: torch.nn.ModuleDict, stage: str) -> None:
-        """Grade greedy answers (and, with ``maj_k``, a majority vote of samples); update and log ``metrics``."""
-        texts, lengths = self.answer(batch)
-        k = self.hparams.maj_k
-        # seeded by (seed, batch, rank), so that an evaluation repeats exactly
-        samples = self.answer(batch, k, seed_for(batch_idx, self.global_rank, stream=MAJ_K))[0] if k else None
-        answers, values = grade_batch(batch, texts, lengths, samples, k)
-        self.val_records += answers
-        for name, value in values.items():
-            metrics[name].update(value.to(self.device))
-            # the metric object, not a tensor: Lightning computes it once per epoch, summed over every rank
-            self.log(f"{stage}/{name}", metrics[name], on_step=False, on_epoch=True,
-                     prog_bar=name in ("accuracy_strict", "format_rate"), batch_size=max(1, len(answers)))
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Greedy answers, one record per problem; :class:`qmath.callbacks.WritePredictions` writes them in order."""
-        texts, lengths = self.answer(batch)
-        prompts = self.tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(batch["input_ids"],
-                                                                               batch["attention_mask"])])
-        return [a.prediction() for a in grade_batch(batch, texts, lengths, prompts=prompts)[0]]
-
-
-class NonFiniteError(QMathError, FloatingPointError):
-    """Training met non-finite values it cannot step past; the message says what to change. Every rank raises it
-    at the same step (they agree on each step's finiteness)."""
 
 
 _LIMITS = {  # option: (whether a value is possible, what it must be)
@@ -599,11 +448,11 @@ def _check_options(options: dict[str, Any]) -> None:
     epsilon, epsilon_high = options["epsilon"], options["epsilon_high"]
     if epsilon <= 0 or (epsilon_high is not None and epsilon_high <= 0):
         raise ConfigError(f"model.epsilon and model.epsilon_high must be positive, got {epsilon}, {epsilon_high}")
+    low, high = options["rollout_importance_sampling_clip_min"], options["rollout_importance_sampling_clip_max"]
+    if low is not None and high is not None and low >= high:
+        raise ConfigError(f"model.rollout_importance_sampling_clip_min ({low}) must be below "
+                          f"model.rollout_importance_sampling_clip_max ({high})")
     distorting = check_generation_kwargs(options["generation_kwargs"])
     if distorting:
         rank_zero_warn(f"model.generation_kwargs {distorting} change the distribution rollouts are sampled from, "
                        "so the loss (ratio and KL) no longer scores the distribution the completions came from")
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}

@@ -269,20 +269,26 @@ def score(
                 f"on completion: {completions[0][:200]!r}\nFix the reward function, remove it from model.rewards, "
                 "or set model.reward_errors: zero to score such completions 0 and count them."
             ) from error
-        scores = []
-        for value, text in zip(values, completions):
-            if not isinstance(value, int | float) or not math.isfinite(value):
-                if on_error == "raise":
-                    raise RewardError(
-                        f"reward {reward.name!r} returned {value!r} on completion: {text[:200]!r}\n"
-                        "Rewards must be finite numbers; fix the reward function, or set model.reward_errors: zero "
-                        "to score such completions 0 and count them."
-                    )
-                _count(errors, reward.name, 1)
-                value = 0.0
-            scores.append(float(value))
-        results.append(scores)
+        results.append(_checked(reward.name, values, completions, on_error, errors))
     return results
+
+
+def _checked(name: str, values: Sequence[Any], completions: Sequence[str], on_error: str,
+             errors: dict[str, int] | None) -> list[float]:
+    """A reward's values as floats; one that is not a finite number is an error, or 0 and counted."""
+    scores = []
+    for value, text in zip(values, completions):
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            if on_error == "raise":
+                raise RewardError(
+                    f"reward {name!r} returned {value!r} on completion: {text[:200]!r}\n"
+                    "Rewards must be finite numbers; fix the reward function, or set model.reward_errors: zero "
+                    "to score such completions 0 and count them."
+                )
+            _count(errors, name, 1)
+            value = 0.0
+        scores.append(float(value))
+    return scores
 
 
 def _where(error: BaseException) -> str:

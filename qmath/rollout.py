@@ -43,6 +43,7 @@ class Rollout:
     old_logps: Tensor | None = _padded(RIGHT, default=None)  # [B, T]
     ref_logps: Tensor | None = _padded(RIGHT, default=None)  # [B, T]
     sampling_logps: Tensor | None = _padded(RIGHT, default=None)  # [B, T]: under the distribution sampled from
+    importance_weights: Tensor | None = None  # [B, T] or [B, 1]: π_old / π_sampling, corrected (rollout copy)
 
     def __len__(self) -> int:
         return len(self.texts)

@@ -98,7 +98,7 @@ def test_gpu_check_runs_its_tiny_mode_on_cpu(tiny_model, tmp_path, monkeypatch):
     from benchmarks import gpu_check
 
     only = ["qmath 32-true eager", "qmath 32-true compiled", "qmath 32-true transformers",
-            "qmath-lora 32-true compiled"]
+            "qmath-lora 32-true compiled", "qmath 32-true compiled float16"]
     try:
         import trl  # noqa: F401 - an optional extra (vs-trl); without it the TRL run is not made
         only.append("TRL 32-true")
@@ -136,6 +136,14 @@ def test_gpu_check_runs_its_tiny_mode_on_cpu(tiny_model, tmp_path, monkeypatch):
     assert lora["parameters"] > run["parameters"] and "qmath-lora 32-true compiled: decode / bandwidth floor" in (
         report["ratios"])
     assert json.loads((tmp_path / "gpu_check.json").read_text())["runs"].keys() == set(only)
+    # float16 rollouts: a copy of half the policy's bytes, decoded compiled (its own graph beside the policy's,
+    # which only evaluation would use), against a floor of 2 bytes per weight
+    half = runs["qmath 32-true compiled float16"]
+    assert half["compile_error"] is None and half["graphs"] == 1 and half["decoding"] == "compiled"
+    assert half["rollout_copy_gib"] == pytest.approx(run["parameters"] * 2 / 2**30)
+    assert runs["qmath 32-true compiled"]["rollout_copy_gib"] == 0
+    assert report["ratios"]["float16 rollouts / fp32 rollouts step time"] > 0
+    assert report["ratios"]["float16 rollouts / fp32 rollouts decode per token"] > 0
 
 
 @pytest.mark.filterwarnings("ignore:model.generation_kwargs")  # the benchmark forces the length on purpose

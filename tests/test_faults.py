@@ -137,7 +137,7 @@ def test_config_mistakes_fail_before_any_model_is_loaded(in_tmp, monkeypatch, ca
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the config was checked")
 
-    monkeypatch.setattr("qmath.module.load_model", no_loading)
+    monkeypatch.setattr("qmath.policy.load_model", no_loading)
     monkeypatch.setattr("qmath.data.load_tokenizer", no_loading)
     with pytest.raises((ValueError, SystemExit)) as error:
         main(["fit", option, value])
@@ -148,7 +148,7 @@ def test_config_mistakes_fail_before_any_model_is_loaded(in_tmp, monkeypatch, ca
 def test_a_gpu_run_on_a_machine_without_one_says_what_to_do(in_tmp, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    monkeypatch.setattr("qmath.module.load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr("qmath.policy.load_model", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(Exception, match="asks for a GPU, but this machine has none.*--trainer.accelerator cpu"):
         main(["fit", "--trainer.accelerator", "gpu"])
 
@@ -191,8 +191,10 @@ def test_remote_code_is_off_unless_the_config_turns_it_on(tiny_model, in_tmp, mo
 
         monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
     config = str(tiny_config(in_tmp, tiny_model))
-    main(["fit", "--config", "cpu", "--config", config, "--trainer.max_steps", "1"])
-    assert len(seen) == 4 and set(seen) == {False}  # tokenizer (data and model), policy and reference
+    fitted = main(["fit", "--config", "cpu", "--config", config, "--trainer.max_steps", "1"])
+    # tokenizer (data and model), policy, reference, and the rollout copy where this CPU has native bf16
+    copies = fitted.model.forms.rollout_model is not None
+    assert len(seen) == 4 + copies and set(seen) == {False}
     seen.clear()
     cli = main(["validate", "--config", "cpu", "--config", config, "--model.trust_remote_code", "true"])
     assert set(seen) == {True} and cli.datamodule.hparams.trust_remote_code is True

@@ -73,7 +73,8 @@ def test_lora_under_checkpointing_shares_prompts_with_the_same_values(tiny_model
     module = GRPO(model_name_or_path=str(tiny_model), num_generations=4, gradient_checkpointing=True, lora_r=4,
                   lora_dropout=0.0)
     module.configure_model()
-    assert module._linear_heads[id(module.policy)]  # log-probs from hidden states in chunks, through PEFT's wrapper
+    # log-probs from hidden states in chunks, through PEFT's wrapper
+    assert module.forms.linear_heads[id(module.policy)]
     for name, p in module.policy.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)  # adapters that change the output

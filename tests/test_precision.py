@@ -59,5 +59,5 @@ def test_gradscaler_overflows_under_16_mixed_are_not_counted_as_failures(tiny_mo
     cli = main(["fit", "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)), "--config", str(config),
                 "--trainer.max_steps", "4"])  # more overflowing steps in a row than model.max_skipped_steps (3)
     assert cli.trainer.precision_plugin.scaler.get_scale() == pytest.approx(1.0e30 / 2**4)  # 4 overflows, halved
-    assert cli.model.skipped_steps == 0
+    assert cli.model.guard.skipped == 0
     assert [v for _, v in scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")["train/skipped_steps"]] == [0] * 4

@@ -26,6 +26,14 @@ def test_private_functions_exist(module, name):
     assert hasattr(importlib.import_module(module), name), f"{module}.{name} is gone: see where qmath uses it"
 
 
+def test_torchs_cpu_half_precision_probes_exist():
+    import torch
+
+    # qmath.policy._emulated: whether a rollout copy's dtype has native kernels on this CPU
+    for name in ("_is_mkldnn_bf16_supported", "_is_mkldnn_fp16_supported"):
+        assert isinstance(getattr(torch.ops.mkldnn, name)(), bool), f"torch.ops.mkldnn.{name} is gone"
+
+
 def test_private_hooks_qmath_overrides_still_exist_in_lightning():
     from lightning.pytorch.cli import LightningCLI
 

@@ -1,0 +1,51 @@
+"""What each step logs, under TRL's names: the torchmetrics objects that accumulate it over an optimizer step's
+micro-batches (computed across ranks, then reset), and a scored rollout's statistics."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import MaxMetric, MeanMetric, MinMetric, SumMetric
+
+from qmath.metrics import GRADES, grade
+from qmath.rollout import Rollout
+
+TRAIN_STATS = ["loss", "reward", "accuracy", "reward_std", "reward_std/group_mean", "frac_reward_zero_std",
+               "completions/mean_length", "completions/clipped_ratio", "kl", "clip_ratio/low_mean",
+               "clip_ratio/high_mean", "clip_ratio/region_mean", "dynamic_sampling/dropped_groups",
+               "dynamic_sampling/drawn_prompts", "completions_per_step", "sampling/sampling_logp_difference/mean",
+               "sampling/importance_sampling_ratio/mean"]
+# the extremes over every micro-batch and rank, not a mean of each rank's extreme
+EXTREMES = {"completions/min_length": MinMetric, "completions/max_length": MaxMetric,
+            "sampling/sampling_logp_difference/max": MaxMetric, "sampling/importance_sampling_ratio/min": MinMetric,
+            "sampling/importance_sampling_ratio/max": MaxMetric}
+EVAL_STATS = [*GRADES, "completions/mean_length"]
+
+
+def train_metrics(reward_names: list[str]) -> torch.nn.ModuleDict:
+    """One metric per training statistic: means, the failed-reward count, and the extremes."""
+    means = {name: MeanMetric() for name in [f"rewards/{n}/mean" for n in reward_names] + TRAIN_STATS}
+    return torch.nn.ModuleDict(means | {"reward_errors": SumMetric()} | {k: m() for k, m in EXTREMES.items()})
+
+
+def eval_metrics(maj_k: int | None) -> torch.nn.ModuleDict:
+    """One mean per graded quantity of a held-out evaluation (with ``maj_k``, also its vote and pass@k)."""
+    names = EVAL_STATS + ([f"accuracy_maj@{maj_k}", f"pass@{maj_k}"] if maj_k else [])
+    return torch.nn.ModuleDict({name: MeanMetric() for name in names})
+
+
+def rollout_stats(rollout: Rollout, raw: Tensor, total: Tensor, everyone: Tensor, group_std: Tensor, group: int,
+                  reward_names: list[str]) -> dict[str, Tensor]:
+    """A scored rollout's statistics: each reward's and the total's values, TRL's ``reward_std`` (of every rank's
+    rewards, ``everyone``), the groups' spread, the completions' lengths and truncations, and the strict accuracy
+    of the samples when the rows have answers."""
+    lengths = rollout.completion_mask.sum(dim=1).float()
+    stats = {f"rewards/{name}/mean": raw[i] for i, name in enumerate(reward_names)} | {
+        "reward": total, "reward_std": everyone.std(),
+        "reward_std/group_mean": group_std[::group], "frac_reward_zero_std": (group_std[::group] < 1e-6).float(),
+        "completions/mean_length": lengths, "completions/min_length": lengths.min(),
+        "completions/max_length": lengths.max(), "completions/clipped_ratio": (~rollout.terminated).float()}
+    if "answer" in rollout.columns:  # the samples' strict accuracy, whatever the rewards are
+        stats["accuracy"] = torch.tensor(grade(rollout.texts, rollout.columns["answer"])["accuracy_strict"],
+                                         dtype=torch.float)
+    return stats
