@@ -144,9 +144,10 @@ class RunSummary(Callback):
             forms = getattr(pl_module, "forms", None)
             copied = forms.copy_dtype(trainer.strategy.root_device) if forms is not None and stage == "fit" else None
             if copied and sampler.rollout_model is None:  # the copy loads after this hook
+                corrected = hp.rollout_importance_sampling_correction and not sampler.mode(
+                    trainer.strategy.root_device).startswith("transformers")  # generate gives no sampling log-probs
                 decoding += f"; rollouts from a {copied} copy of the policy" + (
-                    f" ({hp.rollout_importance_sampling_mode} correction)" if
-                    hp.rollout_importance_sampling_correction else ", uncorrected")
+                    f" ({hp.rollout_importance_sampling_mode} correction)" if corrected else ", uncorrected")
             lines.append(f"  decoding     {decoding}")
         if stage == "fit":
             prompts, accumulate = data.hparams.batch_size, trainer.accumulate_grad_batches

@@ -237,7 +237,9 @@ class GRPO(HeldOutEvaluation, LightningModule):
         # Only training needs the reference and the rollout copy; the reference is always the base weights, also
         # when fit resumes a checkpoint
         self.forms.load_reference(self.device, self.hparams.beta)
-        self.sampler.use_rollout_model(self.forms.load_rollout_copy(self.device))
+        # all ranks or none: each logs (and syncs) the copy's statistics
+        make = self.trainer.strategy.reduce_boolean_decision(self.forms.copy_dtype(self.device) is not None, all=True)
+        self.sampler.use_rollout_model(self.forms.load_rollout_copy(self.device, make))
         if self.sampler.rollout_model is not None and self.sampler.mode(self.device).startswith("transformers"):
             rank_zero_warn(f"model.rollout_dtype: rollouts decode through transformers' generate here "
                            f"({self.sampler.describe(self.device)}), which returns no sampling log-probs: they are "

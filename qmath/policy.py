@@ -77,15 +77,16 @@ class Policy:
         self.linear_heads[id(self.model)] = head_is_linear(self.model)
         self.base = base_identity(self.name, self.tokenizer)
 
-    def load_rollout_copy(self, device: torch.device) -> Any:
+    def load_rollout_copy(self, device: torch.device, make: bool = True) -> Any:
         """The rollout copy, on ``device``, made when training starts (``None`` without one: see
         :meth:`copy_dtype`).
 
         Loaded from the base checkpoint in its dtype rather than cast from the policy: no second full-precision
         model exists on the device even for a moment, the rotary frequencies stay in fp32 (a cast model's would be
         rounded to 16 bits too, which bends the positions of long completions), and the weights are written in by
-        the first :meth:`refresh` (the trained ones, also after a resume), before the first rollout."""
-        if self.rollout_model is not None or self.copy_dtype(device, warn=True) is None:
+        the first :meth:`refresh` (the trained ones, also after a resume), before the first rollout. ``make``: what
+        every rank agreed on (a rank whose device cannot have one makes all of them sample from the policy)."""
+        if self.rollout_model is not None or not make or self.copy_dtype(device, warn=True) is None:
             return self.rollout_model
         copy = load_model(self.name, self.trust_remote_code, dtype=getattr(torch, self.rollout_dtype))
         copy.generation_config = ids_only(copy.generation_config)
@@ -102,8 +103,8 @@ class Policy:
             return None
         if self.sharded:
             why = "FSDP shards the policy"
-        elif dtype == self.model.dtype:
-            why = "it is the policy's own dtype"
+        elif dtype.itemsize >= self.model.dtype.itemsize:
+            why = f"the policy's own {self.model.dtype} is no wider"
         elif _emulated(dtype, device):
             why = (f"{device} has no native {self.rollout_dtype} matrix products (bfloat16 suits CPUs with AVX-512 "
                    "BF16 or AMX and Ampere or newer GPUs, float16 T4s and V100s)")
@@ -173,13 +174,14 @@ class Policy:
 
 
 def _emulated(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether ``dtype``'s matrix products are emulated on ``device``: bf16 on GPUs before Ampere, and on CPUs
-    without native bf16 (AVX-512 BF16 or AMX) or fp16 (AVX-512 FP16 or AMX-FP16), as oneDNN reports them."""
+    """Whether ``dtype``'s matrix products are emulated on ``device``: bf16 on GPUs before Ampere and on CPUs
+    without AVX-512 BF16 or AMX, fp16 on CPUs without AMX-FP16 (oneDNN's own ``bf16 supported`` also says yes for
+    plain AVX-512, where it converts)."""
     if device.type == "cuda":
         return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] < 8
     if device.type != "cpu":
         return False
-    # private, but what torch's own CPU bf16/fp16 tests ask (tests/test_private_apis.py checks it is there)
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported if dtype == torch.bfloat16 else \
-        torch.ops.mkldnn._is_mkldnn_fp16_supported
-    return not native()
+    # private, what torch's CPU kernels dispatch on (tests/test_private_apis.py checks they are there)
+    if dtype == torch.bfloat16:
+        return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return not torch.cpu._is_amx_fp16_supported()

@@ -30,8 +30,8 @@ def test_torchs_cpu_half_precision_probes_exist():
     import torch
 
     # qmath.policy._emulated: whether a rollout copy's dtype has native kernels on this CPU
-    for name in ("_is_mkldnn_bf16_supported", "_is_mkldnn_fp16_supported"):
-        assert isinstance(getattr(torch.ops.mkldnn, name)(), bool), f"torch.ops.mkldnn.{name} is gone"
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"):
+        assert isinstance(getattr(torch.cpu, name)(), bool), f"torch.cpu.{name} is gone"
 
 
 def test_private_hooks_qmath_overrides_still_exist_in_lightning():

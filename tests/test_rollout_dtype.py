@@ -233,3 +233,14 @@ def test_a_dtype_without_native_kernels_falls_back_to_the_policy(tiny_model, mon
     module.configure_model()
     assert module.forms.load_rollout_copy(torch.device("cpu")) is None
     assert "cpu has no native float16 matrix products" in caplog.text and "so rollouts read the policy" in caplog.text
+
+
+def test_no_copy_that_is_no_narrower_than_the_policy(tiny_model):
+    from qmath.module import GRPO
+
+    module = GRPO(str(tiny_model), rollout_dtype="float16")
+    module.configure_model()
+    cpu = torch.device("cpu")
+    assert module.forms.copy_dtype(cpu) == "float16"
+    module.policy.to(torch.bfloat16)  # a bf16-true policy: an fp16 copy reads as many bytes, with coarser range
+    assert module.forms.copy_dtype(cpu) is None
