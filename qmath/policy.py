@@ -86,7 +86,7 @@ class Policy:
         rounded to 16 bits too, which bends the positions of long completions), and the weights are written in by
         the first :meth:`refresh` (the trained ones, also after a resume), before the first rollout. ``make``: what
         every rank agreed on (a rank whose device cannot have one makes all of them sample from the policy)."""
-        if self.rollout_model is not None or not make or self.copy_dtype(device, warn=True) is None:
+        if self.rollout_model is not None or self.copy_dtype(device, warn=True) is None or not make:
             return self.rollout_model
         copy = load_model(self.name, self.trust_remote_code, dtype=getattr(torch, self.rollout_dtype))
         copy.generation_config = ids_only(copy.generation_config)
