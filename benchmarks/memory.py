@@ -135,13 +135,13 @@ def install(probe: Probe, logits: str, prompt_sharing: bool = True) -> dict[str,
         seen["prompt_length"] = args[0].size(1)
         return out
 
-    def timed_logps(self, model, rollout):
+    def timed_logps(self, model, rollout, *args, **kwargs):
         if logits == "full":
             self.forms.linear_heads[id(model)] = False  # the full-logits path
         # with LoRA the reference is the policy with its adapters off, run without gradients
         name = "policy forward" if model is self.policy and torch.is_grad_enabled() else "reference forward"
         with probe.phase(name):
-            return token_logps(self, model, rollout)
+            return token_logps(self, model, rollout, *args, **kwargs)
 
     Sampler.generate, GRPO.token_logps = timed_generate, timed_logps
     seen["restore"] = lambda: (setattr(Sampler, "generate", generate), setattr(GRPO, "token_logps", token_logps),

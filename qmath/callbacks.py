@@ -188,12 +188,14 @@ class StatusLines(Callback):
     every ``trainer.log_every_n_steps`` optimizer steps, as HF's Trainer prints its log lines, and one after each
     validation; the progress bar only draws on a terminal. Rank 0 only. Added to every run by ``python -m qmath``.
 
-    ``qmath: step 20/400 | reward 1.234 | accuracy 0.250 | kl 0.0012 | 21.3 s/step | ETA 2:15:00``
+    ``qmath: step 20/400 | reward 1.234 | accuracy 0.250 | kl 0.0012 | entropy 0.412 | length 87 | 21.3 s/step |
+    ETA 2:15:00``
     (``accuracy``: the sampled completions' strict accuracy; s/step: the mean of the last 10 steps).
     """
 
     SHOWN = (("train/reward", "reward", "{:.3f}"), ("train/accuracy", "accuracy", "{:.3f}"),
-             ("train/kl", "kl", "{:.4f}"), ("train/completions/mean_length", "length", "{:.0f}"))
+             ("train/kl", "kl", "{:.4f}"), ("train/entropy", "entropy", "{:.3f}"),
+             ("train/completions/mean_length", "length", "{:.0f}"))
 
     def __init__(self, stream: Any = None) -> None:
         self.stream = stream  # default: sys.stdout at the time of printing
@@ -276,20 +278,32 @@ class TensorBoardLayout(Callback):
             writer = logger.experiment._get_file_writer()
             for summary in summaries:
                 writer.add_summary(summary)
-            logger.experiment.add_custom_scalars(self.layout(names, list(pl_module.val_metrics)))
+            logger.experiment.add_custom_scalars(self.layout(names, list(pl_module.val_metrics),
+                                                             pl_module.hparams.get("loss_type", "grpo")))
 
     @staticmethod
-    def layout(rewards: list[str], evaluated: list[str]) -> dict[str, Any]:
+    def layout(rewards: list[str], evaluated: list[str], loss_type: str = "grpo") -> dict[str, Any]:
+        """The charts, each of scalars that this run logs (the ratio statistics are the loss type's)."""
+        ratios, ratio_tags = {"cispo": ("clipped weights", ["^train/cispo_clip_ratio$"]),
+                              "vespo": ("sequence weights", ["^train/vespo/phi_seq_mean$"]),
+                              "sapo": ("", [])}.get(
+                                  loss_type, ("clipped ratios", ["^train/clip_ratio/"]))
         return {"qmath": {
             "rewards (each component's mean, and the weighted total)":
                 ["Multiline", [f"^train/rewards/{n}/mean$" for n in rewards] + ["^train/reward$"]],
             "accuracy (samples; greedy on held-out problems)":
                 ["Multiline", ["^train/accuracy$"]
                  + [f"^val/{n}$" for n in evaluated if n != "completions/mean_length"]],
-            "completion length (tokens)":
-                ["Multiline", ["^train/completions/(mean|min|max)_length$", "^val/completions/mean_length$"]],
-            "policy: KL and clipped ratios":
-                ["Multiline", ["^train/kl$", "^train/clip_ratio/"]],
+            "completion length (tokens; terminated: those that ended with an EOS)":
+                ["Multiline", ["^train/completions/(mean|min|max)_(terminated_)?length$",
+                               "^val/completions/mean_length$"]],
+            "policy: entropy (nats per completion token)": ["Multiline", ["^train/entropy$"]],
+            "policy: KL" + (f" and {ratios}" if ratios else ""): ["Multiline", ["^train/kl$", *ratio_tags]],
+            "reward spread (std over the step's completions)":
+                ["Multiline", ["^train/reward_std$", "^train/rewards/.*/std$"]],
+            "optimizer: gradient norm before clipping": ["Multiline", ["^train/grad_norm$"]],
+            "throughput: seconds per optimizer step": ["Multiline", ["^train/step_time$"]],
+            "throughput: prompt and completion tokens trained on": ["Multiline", ["^train/num_tokens$"]],
         }}
 
 

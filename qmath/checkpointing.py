@@ -329,7 +329,8 @@ def _in_requeue_handler() -> bool:
 def save_state(module: Any, checkpoint: dict[str, Any]) -> None:
     """What a GRPO checkpoint holds beyond Lightning's: with LoRA only the adapters of the weights; every rank's
     random generators, in rank order (only rank 0's dict is written, and each rank draws its own numbers: LoRA
-    dropout over its own completions, a reward that uses `random`); the skipped steps; the base's identity; with
+    dropout over its own completions, a reward that uses `random`); the skipped steps; the tokens trained on
+    (TRL's ``num_tokens``); the base's identity; with
     ``num_iterations`` > 1, every rank's rollout (a checkpoint may fall between the μ steps that reuse one)."""
     if module.hparams.lora_r:
         kept = module.forms.checkpointed_keys(set(checkpoint["state_dict"]))
@@ -340,7 +341,8 @@ def save_state(module: Any, checkpoint: dict[str, Any]) -> None:
                              f"{bad[0]}); the last saved checkpoint is kept")
     world = module.trainer.world_size
     checkpoint |= {"qmath_rng_states": from_every_rank(rng_states(), world),
-                   "qmath_skipped_steps": module.guard.skipped, "qmath_base": module.forms.base}
+                   "qmath_skipped_steps": module.guard.skipped, "qmath_base": module.forms.base,
+                   "qmath_num_tokens": module.num_tokens}
     if module.hparams.num_iterations > 1:
         own = {"micro_batches": [m.state() for m in module.micro_batches],
                "stats": {k: v.cpu() for k, v in module.rollout_stats.items()}}
@@ -358,6 +360,7 @@ def load_state(module: Any, checkpoint: dict[str, Any]) -> None:
     kept = module.forms.checkpointed_keys(set(own))
     check_base(checkpoint, module.forms.base, {k: v.shape for k, v in own.items() if k in kept})
     module.guard.skipped = checkpoint.get("qmath_skipped_steps", 0)
+    module.num_tokens = checkpoint.get("qmath_num_tokens", 0)
     world, rank = module.trainer.world_size, module.global_rank
     module._rng_states = own_rng_states(checkpoint.get("qmath_rng_states"), rank, world)
     rollouts = checkpoint.get("qmath_rollouts", [])

@@ -26,8 +26,10 @@ from qmath.grpo import chunked_token_logps, selective_log_softmax
 from qmath.rollout import Rollout
 
 
-def token_logps(model: Any, rollout: Rollout, temperature: float, group: int, linear_head: bool) -> Tensor:
-    """Log-probs of the completion tokens under ``model`` at ``temperature``, ``[B, T]``.
+def token_logps(model: Any, rollout: Rollout, temperature: float, group: int, linear_head: bool,
+                entropy: bool = False, entropy_grad: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-probs of the completion tokens under ``model`` at ``temperature``, ``[B, T]``; with ``entropy``, also
+    each token's entropy at that temperature (with a gradient if ``entropy_grad``), from the same logits.
 
     ``linear_head``: the logits are ``output_embeddings(decoder(x))`` (:func:`head_is_linear`), so they can be
     made a chunk at a time from the hidden states.
@@ -46,9 +48,11 @@ def token_logps(model: Any, rollout: Rollout, temperature: float, group: int, li
         if hidden is None:
             hidden = model.get_decoder()(**inputs).last_hidden_state[:, -width - 1:-1]
         head = model.get_output_embeddings()
-        return chunked_token_logps(hidden, head.weight, rollout.completion_ids, temperature, head.bias)
+        return chunked_token_logps(hidden, head.weight, rollout.completion_ids, temperature, head.bias,
+                                   entropy=entropy, entropy_grad=entropy_grad)
     logits = model(**inputs, logits_to_keep=width + 1).logits[:, :-1]
-    return selective_log_softmax(logits, rollout.completion_ids, temperature)
+    return selective_log_softmax(logits, rollout.completion_ids, temperature, entropy=entropy,
+                                 entropy_grad=entropy_grad)
 
 
 def groups_share_prompts(model: Any, prompt_ids: Tensor, g: int, prompt_mask: Tensor | None = None) -> bool:

@@ -35,6 +35,7 @@ Lightning's is :mod:`qmath.checkpointing`'s.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -51,12 +52,18 @@ from qmath.errors import ConfigError
 from qmath.evaluation import Answer, HeldOutEvaluation
 from qmath.generation import Backend, Sampler, check_generation_kwargs, seed_for
 from qmath.grpo import (
+    CLIPPED,
+    STEP_TOKENS,
+    ImportanceSamplingLevel,
     LossType,
     SamplingCorrection,
     ScaleRewards,
     dapo_num_items,
+    entropy_threshold,
     group_advantages,
     grpo_loss,
+    high_entropy_mask,
+    off_policy_sequence_mask,
     sampling_correction,
 )
 from qmath.lora import ALL_LINEAR
@@ -66,7 +73,7 @@ from qmath.policy import Policy, RolloutDtype
 from qmath.rewards import Reward, default_rewards, score
 from qmath.rollout import Rollout
 from qmath.stats import eval_metrics, rollout_stats, train_metrics
-from qmath.steps import FiniteSteps, NonFiniteError
+from qmath.steps import FiniteSteps, NonFiniteError, gradient_norm
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +106,38 @@ class GRPO(HeldOutEvaluation, LightningModule):
             ``repetition_penalty: 1.1`` would make the sampled distribution differ from the one the loss scores);
             an option here that changes it, such as ``repetition_penalty``, is warned about at start-up.
         beta: weight of the KL penalty to the frozen reference model. 0 loads no reference model.
+        use_bias_correction_kl: multiply each token's KL term by its importance ratio (DeepSeek-V3.2), so that its
+            gradient is that of the reverse KL under the distribution sampled from. The value is unchanged where
+            the ratio is 1 (``num_iterations`` 1), the gradient is not. TRL 1.16 defaults to ``true``.
         epsilon: clipping range of the probability ratio, ``[1 - epsilon, 1 + epsilon_high]``.
         epsilon_high: upper clipping bound; ``None`` means ``epsilon``. DAPO's clip-higher uses 0.28 with 0.2.
-        loss_type: how per-token losses are averaged: ``grpo`` (each sequence's token mean, then the mean over
-            sequences), ``bnpo`` (token sum ÷ the micro-batch's tokens), ``dr_grpo`` (÷ sequences ×
-            ``max_completion_length``), ``dapo`` (÷ the tokens of the whole optimizer step across devices).
+            With ``loss_type: cispo``, the upper bound of the importance weights (ScaleRL: 5.0), and required.
+        delta: INTELLECT-2's two-sided clipping: the unclipped ratio is capped at ``delta`` too (above
+            ``1 + epsilon_high``; INTELLECT-2 uses 4). ``None``: off. For the clipped loss types only.
+        loss_type: the policy term and how per-token losses are averaged, under TRL's names: ``grpo`` (each
+            sequence's token mean, then the mean over sequences), ``bnpo`` (token sum ÷ the micro-batch's tokens),
+            ``dr_grpo`` (÷ sequences × ``max_completion_length``), ``dapo`` (÷ the tokens of the whole optimizer
+            step across devices), all with the clipped surrogate; ``cispo`` (MiniMax-M1: the clipped ratio,
+            without gradient, times the advantage and the log-prob; as ``dapo``), ``sapo`` (a soft gate instead
+            of the clip; as ``grpo``), ``luspo`` (GSPO's sequence loss scaled by the sequence's length; needs
+            ``importance_sampling_level: sequence``), ``vespo`` (a Gamma-shaped weight of the sequence's ratio
+            times the log-prob; as ``dapo``; token level only).
+        importance_sampling_level: the importance ratio per ``token``, or per ``sequence`` (GSPO: the mean of its
+            tokens' log-ratios, one ratio per completion; GSPO clips at epsilon 3e-4, epsilon_high 4e-4).
+        sapo_temperature_neg: SAPO's gate temperature for tokens with a non-positive advantage.
+        sapo_temperature_pos: SAPO's gate temperature for tokens with a positive advantage.
+        vespo_k_pos: VESPO's power ``k`` for non-negative advantages: how much a sequence ratio below 1 is
+            down-weighted.
+        vespo_lambda_pos: VESPO's decay ``λ`` for non-negative advantages: how much a ratio above 1 is down-weighted.
+        vespo_k_neg: VESPO's ``k`` for negative advantages.
+        vespo_lambda_neg: VESPO's ``λ`` for negative advantages.
+        top_entropy_quantile: the policy loss only on this top fraction of each micro-batch's completion tokens by
+            the policy's entropy (the "80/20" paper's ρ: 0.2); 1.0: every token. In (0, 1].
+        entropy_coef: weight of an entropy bonus: the loss less this times the mean per-token entropy (of the
+            tokens the policy term acts on), whatever the loss type. 0: none.
+        off_policy_mask_threshold: DeepSeek-V3.2's off-policy sequence mask: a completion with a negative
+            advantage whose mean ``log π_sampling - log π_θ`` over its tokens exceeds this gets no policy loss
+            (e.g. 0.5). ``π_sampling`` is the rollout copy's where there is one, else π_old. ``None``: off.
         scale_rewards: divide advantages by the group's reward std (``group``), the whole step's (``batch``), or not
             at all (``none``, Dr. GRPO).
         num_iterations: optimizer steps per rollout (μ); above 1 the clip binds against the rollout's log-probs.
@@ -158,9 +192,21 @@ class GRPO(HeldOutEvaluation, LightningModule):
         generation_backend: Backend = "auto",
         generation_kwargs: dict[str, Any] | None = None,
         beta: float = 0.04,
+        use_bias_correction_kl: bool = False,
         epsilon: float = 0.2,
         epsilon_high: float | None = None,
+        delta: float | None = None,
         loss_type: LossType = "dr_grpo",
+        importance_sampling_level: ImportanceSamplingLevel = "token",
+        sapo_temperature_neg: float = 1.05,
+        sapo_temperature_pos: float = 1.0,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
+        top_entropy_quantile: float = 1.0,
+        entropy_coef: float = 0.0,
+        off_policy_mask_threshold: float | None = None,
         scale_rewards: ScaleRewards = "none",
         num_iterations: int = 1,
         mask_truncated_completions: bool = False,
@@ -205,6 +251,8 @@ class GRPO(HeldOutEvaluation, LightningModule):
         self.guard = FiniteSteps(max_skipped_steps)  # skips the steps whose loss or gradient is not finite
         self._reward_errors = 0
         self._warned_rewards: set[str] = set()
+        self.num_tokens = 0  # prompt and completion tokens trained on, every rank's, over the run (checkpointed)
+        self._step_time, self._batch_started = 0.0, 0.0
         # separate objects, so that a validation inside fit never mixes its counts with a test's
         self.val_metrics, self.test_metrics = eval_metrics(maj_k), eval_metrics(maj_k)
         self.last_rollout: dict[str, list] = {}  # the latest scored completions, for LogCompletions
@@ -252,6 +300,18 @@ class GRPO(HeldOutEvaluation, LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         load_state(self, checkpoint)
         self.forms.stale = True  # the rollout copy holds the weights from before the checkpoint
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Log TRL's ``step_time``: the seconds of this optimizer step's micro-batches (rollout, forward, backward
+        and the optimizer step), and the cumulative ``num_tokens``."""
+        self._step_time += time.perf_counter() - self._batch_started
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+            self.log("train/step_time", self._step_time)
+            self.log("train/num_tokens", float(self.num_tokens))
+            self._step_time = 0.0
 
     def on_train_start(self) -> None:
         if getattr(self, "_rng_states", None):
@@ -316,16 +376,28 @@ class GRPO(HeldOutEvaluation, LightningModule):
         """Group-relative advantages of the weighted reward, and the step's reward and length statistics."""
         hp = self.hparams
         total = self.total_reward(raw)
-        # the whole step's rewards, every rank's: for "batch" scaling and TRL's reward_std
-        everyone = self.all_gather(total).flatten()
-        advantages, group_std = group_advantages(total, hp.num_generations, hp.scale_rewards, batch_rewards=everyone)
+        everyone = self.everyone(raw, total, rollout)
+        advantages, group_std = group_advantages(total, hp.num_generations, hp.scale_rewards,
+                                                 batch_rewards=everyone["total"])
+        # TRL's num_tokens: once per rollout (not per μ step), of the completions trained on
+        self.num_tokens += int(everyone["prompt_lengths"].sum() + everyone["lengths"].sum())
         names = [r.name for r in self.rewards]
-        stats = rollout_stats(rollout, raw, total, everyone, group_std, hp.num_generations, names)
+        stats = rollout_stats(rollout, raw, total, group_std, hp.num_generations, names, everyone)
         stats["reward_errors"] = torch.tensor(float(self._reward_errors))
         self.last_rollout = {"question": rollout.columns.get("question", []), "completion": rollout.texts,
                              **{name: raw[i].tolist() for i, name in enumerate(names)},
                              "reward": total.tolist(), "advantage": advantages.tolist()}
         return advantages, stats
+
+    def everyone(self, raw: Tensor, total: Tensor, rollout: Rollout) -> dict[str, Tensor]:
+        """The whole step's rewards, lengths and terminations, every rank's, in one gather: for ``batch`` scaling
+        and TRL's statistics (``reward_std``, ``rewards/<name>/std``, the terminated lengths)."""
+        rows = [total, rollout.completion_mask.sum(dim=1), rollout.terminated, rollout.prompt_mask.sum(dim=1)]
+        own = torch.cat([raw, torch.stack([r.to(raw.dtype) for r in rows])])
+        table = self.all_gather(own).reshape(-1, *own.shape).transpose(0, 1).flatten(1)
+        n = raw.size(0)
+        return {"raw": table[:n], "total": table[n], "lengths": table[n + 1], "terminated": table[n + 2] > 0.5,
+                "prompt_lengths": table[n + 3]}
 
     def prepare(self, batch: dict[str, Any]) -> list[Rollout]:
         """rollout → score → advantages for a whole optimizer step, split into its accumulation micro-batches."""
@@ -338,10 +410,10 @@ class GRPO(HeldOutEvaluation, LightningModule):
         loss_mask = rollout.completion_mask
         if self.hparams.mask_truncated_completions:  # a cut-off answer is neither right nor wrong: no signal
             loss_mask = loss_mask * rollout.terminated.unsqueeze(1)
-        # dapo: every micro-batch divides by the token count of the whole step on all ranks
+        # dapo, cispo, vespo: every micro-batch divides by the token count of the whole step on all ranks
         accumulate, world = self.trainer.accumulate_grad_batches, self.trainer.world_size
         tokens = loss_mask.sum().float()
-        if world > 1 and self.hparams.loss_type == "dapo":
+        if world > 1 and self.hparams.loss_type in STEP_TOKENS:
             tokens = self.all_gather(tokens).sum()
         rollout = replace(rollout, advantages=advantages, loss_mask=loss_mask,
                           num_items=dapo_num_items(tokens, accumulate * world))
@@ -349,9 +421,11 @@ class GRPO(HeldOutEvaluation, LightningModule):
         return [m.trim() for m in rollout.split(accumulate)]
 
     # -- loss ----------------------------------------------------------------------------------------------------
-    def token_logps(self, model: Any, rollout: Rollout) -> Tensor:
-        """Log-probs of the completion tokens under ``model`` at the sampling temperature, ``[B, T]``."""
-        return self.forms.logps(model, rollout)
+    def token_logps(self, model: Any, rollout: Rollout, entropy: bool = False,
+                    entropy_grad: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Log-probs of the completion tokens under ``model`` at the sampling temperature, ``[B, T]``; with
+        ``entropy``, also the entropy of each token's distribution (with a gradient if ``entropy_grad``)."""
+        return self.forms.logps(model, rollout, entropy, entropy_grad)
 
     def reference_logps(self, micro: Rollout) -> Tensor:
         """The KL reference's log-probs: the frozen copy, or with LoRA the policy with its adapters off."""
@@ -360,7 +434,7 @@ class GRPO(HeldOutEvaluation, LightningModule):
 
     def loss(self, micro: Rollout) -> Tensor:
         hp = self.hparams
-        logps = self.token_logps(self.policy, micro)
+        logps, entropies = self.token_logps(self.policy, micro, entropy=True, entropy_grad=hp.entropy_coef != 0)
         # The first pass over a rollout runs before any optimizer step on it: its log-probs are π_old's.
         if micro.old_logps is None:
             micro.old_logps = logps.detach()
@@ -370,9 +444,45 @@ class GRPO(HeldOutEvaluation, LightningModule):
                 micro.ref_logps = self.reference_logps(micro)
         loss, stats = grpo_loss(logps, micro.old_logps, micro.advantages, micro.loss_mask, micro.ref_logps, hp.beta,
                                 hp.epsilon, hp.epsilon_high, hp.loss_type, hp.max_completion_length, micro.num_items,
-                                micro.importance_weights)
+                                micro.importance_weights, entropies=entropies,
+                                entropy_mask=self.entropy_mask(entropies, micro.loss_mask),
+                                off_policy_mask=self.off_policy_mask(micro, logps), **self.loss_options())
         self._log_stats({**stats, "loss": loss})
         return loss
+
+    def loss_options(self) -> dict[str, Any]:
+        """:func:`qmath.grpo.grpo_loss`'s options that are the module's own, under their TRL names."""
+        hp = self.hparams
+        return {"importance_sampling_level": hp.importance_sampling_level, "delta": hp.delta,
+                "use_bias_correction_kl": hp.use_bias_correction_kl, "entropy_coef": hp.entropy_coef,
+                "sapo_temperature_neg": hp.sapo_temperature_neg, "sapo_temperature_pos": hp.sapo_temperature_pos,
+                "vespo": (hp.vespo_k_pos, hp.vespo_lambda_pos, hp.vespo_k_neg, hp.vespo_lambda_neg)}
+
+    def entropy_mask(self, entropies: Tensor, loss_mask: Tensor) -> Tensor | None:
+        """With ``top_entropy_quantile`` < 1, the tokens of this micro-batch in that top fraction by entropy, the
+        threshold taken over every rank's tokens (as TRL); ``None`` otherwise."""
+        rho = self.hparams.top_entropy_quantile
+        if rho >= 1.0:
+            return None
+        mine = entropies.detach()[loss_mask.bool()].float()
+        everyone = mine
+        if self.trainer.world_size > 1:  # ranks hold different token counts: gather padded, then cut each
+            counts = self.all_gather(torch.tensor(mine.numel(), device=mine.device)).flatten()
+            padded = torch.zeros(int(counts.max()), device=mine.device)
+            padded[:mine.numel()] = mine
+            gathered = self.all_gather(padded)
+            everyone = torch.cat([gathered[r, :int(n)] for r, n in enumerate(counts.tolist())])
+        return high_entropy_mask(entropies, loss_mask, entropy_threshold(everyone, rho))
+
+    def off_policy_mask(self, micro: Rollout, logps: Tensor) -> Tensor | None:
+        """DeepSeek-V3.2's off-policy sequence mask with ``off_policy_mask_threshold``, against the distribution
+        the completions were drawn from (the rollout copy's, else π_old); ``None`` when off."""
+        threshold = self.hparams.off_policy_mask_threshold
+        if threshold is None:
+            return None
+        sampling = micro.sampling_logps if self.forms.rollout_model is not None else None
+        sampling = micro.old_logps if sampling is None else sampling
+        return off_policy_sequence_mask(micro.advantages, logps, sampling, micro.loss_mask, threshold)
 
     def correction(self, micro: Rollout) -> Tensor | None:
         """The importance weights of completions sampled from the rollout copy against π_old; ``None`` when they
@@ -409,7 +519,9 @@ class GRPO(HeldOutEvaluation, LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Skip the step when the loss or a gradient is not finite, so that no NaN reaches the weights or Adam."""
+        """Log the gradient norm before clipping (HF Trainer's ``grad_norm``), and skip the step when the loss or a
+        gradient is not finite, so that no NaN reaches the weights or Adam."""
+        self.log("train/grad_norm", gradient_norm(self))
         if self.guard.check(self):
             self.forms.stale = True  # the step changes the weights the rollout copy holds
         self.log("train/skipped_steps", float(self.guard.skipped))
@@ -439,6 +551,12 @@ _LIMITS = {  # option: (whether a value is possible, what it must be)
     "lora_r": (lambda v: v >= 0, "at least 0 (0: no LoRA)"),
     "lora_alpha": (lambda v: v > 0, "positive"),
     "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "top_entropy_quantile": (lambda v: 0 < v <= 1, "in (0, 1] (the top fraction of tokens by entropy; 1: all)"),
+    "off_policy_mask_threshold": (lambda v: v is None or v >= 0, "at least 0 (a mean log-ratio), or null"),
+    "sapo_temperature_neg": (lambda v: v > 0, "positive"),
+    "sapo_temperature_pos": (lambda v: v > 0, "positive"),
+    "vespo_lambda_pos": (lambda v: v >= 0, "at least 0"),
+    "vespo_lambda_neg": (lambda v: v >= 0, "at least 0"),
 }
 
 
@@ -450,6 +568,7 @@ def _check_options(options: dict[str, Any]) -> None:
     epsilon, epsilon_high = options["epsilon"], options["epsilon_high"]
     if epsilon <= 0 or (epsilon_high is not None and epsilon_high <= 0):
         raise ConfigError(f"model.epsilon and model.epsilon_high must be positive, got {epsilon}, {epsilon_high}")
+    _check_loss_options(options)
     low, high = options["rollout_importance_sampling_clip_min"], options["rollout_importance_sampling_clip_max"]
     if low is not None and high is not None and low >= high:
         raise ConfigError(f"model.rollout_importance_sampling_clip_min ({low}) must be below "
@@ -458,3 +577,35 @@ def _check_options(options: dict[str, Any]) -> None:
     if distorting:
         rank_zero_warn(f"model.generation_kwargs {distorting} change the distribution rollouts are sampled from, "
                        "so the loss (ratio and KL) no longer scores the distribution the completions came from")
+
+
+def _check_loss_options(options: dict[str, Any]) -> None:
+    """Loss options that make no sense together are refused, naming both keys; TRL's warnings are warnings here."""
+    loss_type, level = options["loss_type"], options["importance_sampling_level"]
+    if loss_type == "luspo" and level != "sequence":
+        raise ConfigError("model.loss_type luspo is GSPO's sequence-level loss scaled by each sequence's length: it "
+                          f"needs model.importance_sampling_level: sequence, got {level}")
+    if loss_type == "vespo" and level != "token":
+        raise ConfigError("model.loss_type vespo weighs each sequence by its own sequence-level ratio, from the "
+                          f"token log-ratios: model.importance_sampling_level must be token, got {level}")
+    if loss_type == "vespo" and options["rollout_dtype"] is not None and options[
+            "rollout_importance_sampling_correction"] and options["rollout_importance_sampling_mode"].startswith(
+            "sequence_"):
+        raise ConfigError("model.loss_type vespo folds the rollout copy's per-token importance weights into its "
+                          "sequence weight: model.rollout_importance_sampling_mode must be token_truncate or "
+                          f"token_mask, got {options['rollout_importance_sampling_mode']}")
+    epsilon_high, delta = options["epsilon_high"], options["delta"]
+    if loss_type == "cispo" and (epsilon_high is None or epsilon_high <= 1):
+        raise ConfigError("model.loss_type cispo caps the importance weights at model.epsilon_high, a ratio (ScaleRL "
+                          f"uses 5.0), got {epsilon_high}: at or below 1 it shrinks every on-policy gradient")
+    if delta is not None and loss_type not in CLIPPED:
+        raise ConfigError(f"model.delta caps the clipped surrogate's ratio, which model.loss_type {loss_type} does "
+                          "not have: set delta: null, or a loss type of " + ", ".join(CLIPPED))
+    if delta is not None and delta <= 1:
+        raise ConfigError(f"model.delta caps the ratio itself (INTELLECT-2 uses 4), so it must exceed 1, got {delta}")
+    if delta is not None and delta <= 1 + (options["epsilon"] if epsilon_high is None else epsilon_high):
+        rank_zero_warn(f"model.delta ({delta}) is at most 1 + model.epsilon_high: TRL recommends above it, or the "
+                       "cap binds before the clip")
+    if level == "sequence" and loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
+        rank_zero_warn(f"model.importance_sampling_level sequence with model.loss_type {loss_type}: the loss sums "
+                       "per-token terms, so each sequence weighs by its length; GSPO's setup is loss_type grpo")

@@ -134,12 +134,14 @@ class Policy:
         else:
             yield self.reference
 
-    def logps(self, model: Any, rollout: Rollout) -> Tensor:
-        """Log-probs of the completion tokens under ``model`` at the sampling temperature, ``[B, T]``."""
+    def logps(self, model: Any, rollout: Rollout, entropy: bool = False,
+              entropy_grad: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Log-probs of the completion tokens under ``model`` at the sampling temperature, ``[B, T]``, and with
+        ``entropy`` each token's entropy (:func:`qmath.logprobs.token_logps`)."""
         linear = self.linear_heads.get(id(model))
         if linear is None:  # a model other than the policy and the reference
             linear = head_is_linear(model)
-        return token_logps(model, rollout, self.temperature, self.group, linear)
+        return token_logps(model, rollout, self.temperature, self.group, linear, entropy, entropy_grad)
 
     def checkpointed_keys(self, state_dict_keys: set[str], prefix: str = "policy.") -> set[str]:
         """The weights a checkpoint holds: all of the module's, or with LoRA the adapters only."""

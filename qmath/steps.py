@@ -7,6 +7,8 @@ import logging
 from typing import Any
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import Tensor
 
 from qmath.errors import QMathError
 
@@ -16,6 +18,19 @@ log = logging.getLogger(__name__)
 class NonFiniteError(QMathError, FloatingPointError):
     """Training met non-finite values it cannot step past; the message says what to change. Every rank raises it
     at the same step (they agree on each step's finiteness)."""
+
+
+def gradient_norm(module: Any) -> Tensor:
+    """The global L2 norm of the gradients before clipping (HF Trainer's ``grad_norm``), as
+    ``clip_grad_norm_`` computes it; under FSDP each rank holds a shard's gradients, and the squares are summed
+    across ranks. NaN or inf where a gradient is."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=module.device)
+    squared = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) ** 2
+    if isinstance(module.trainer.strategy, FSDPStrategy):
+        squared = module.trainer.strategy.reduce(squared, reduce_op="sum")
+    return squared.sqrt()
 
 
 class FiniteSteps:

@@ -195,3 +195,16 @@ def test_the_rehearsals_checks_fail_on_what_they_check():
     for check, faulty in faults.items():
         verdict = checks(faulty, args)
         assert not verdict[check] and not verdict["passed"], check
+
+
+def test_vs_trl_loss_equals_trls_own_loss_where_trl_is_installed():
+    """Every loss type and option against TRL's ``_compute_loss`` on identical fp64 tensors (the vs-trl extra)."""
+    pytest.importorskip("trl", reason="an optional extra (vs-trl): TRL's own loss is what this compares with")
+    from benchmarks import vs_trl_loss
+
+    report = vs_trl_loss.main([])
+    assert set(report) == set(vs_trl_loss.CASES)
+    for case, diffs in report.items():
+        assert {"loss", "grad logps", "kl", "entropy"} <= set(diffs), case
+        # fp64 on both sides; TRL's SAPO gate temperatures are fp32 constants and qmath's clip fractions fp32
+        assert max(diffs.values()) < 1e-7, (case, diffs)

@@ -21,9 +21,10 @@ from tests.test_fit import scalars, tiny_config
 
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
 # An EOS bias (<|im_end|> is id 2 in conftest's tokenizer: its special tokens come first) so that the tiny model's
-# completions end at different lengths on each rank, as a real model's do.
+# completions end at different lengths on each rank, as a real model's do. The top half of the tokens by entropy:
+# each step gathers the ranks' different numbers of token entropies for the threshold.
 SMALL = ["--model.num_generations", "4", "--data.batch_size", "2", "--trainer.callbacks+", "tests.test_ddp.RecordRanks",
-         "--model.generation_kwargs", "{sequence_bias: [[[2], 3.0]]}"]
+         "--model.generation_kwargs", "{sequence_bias: [[[2], 3.0]]}", "--model.top_entropy_quantile", "0.5"]
 
 
 class RecordRanks(Callback):
@@ -37,7 +38,10 @@ class RecordRanks(Callback):
         micro = pl_module.micro_batches
         self.steps.append({"question": rollout.get("question"), "reward": rollout.get("reward"),
                            "texts": [t for m in micro for t in m.texts],
-                           "lengths": [int(n) for m in micro for n in m.completion_mask.sum(dim=1)]})
+                           "lengths": [int(n) for m in micro for n in m.completion_mask.sum(dim=1)],
+                           "terminated": [bool(t) for m in micro for t in m.terminated],
+                           "tokens": sum(int(m.prompt_mask.sum() + m.completion_mask.sum()) for m in micro),
+                           "components": {r.name: rollout.get(r.name) for r in pl_module.rewards}})
 
     def on_train_end(self, trainer, pl_module) -> None:
         weights = list(pl_module.policy.parameters())
@@ -123,6 +127,10 @@ def test_ddp_resume_repeats_the_uninterrupted_run(ddp_run, tiny_model, in_tmp):
     for rank in (0, 1):  # each rank's third step: the same prompts, the same samples, the same weights after
         assert after[rank]["steps"] == uninterrupted[rank]["steps"][2:]
         assert after[rank]["checksum"] == pytest.approx(uninterrupted[rank]["checksum"], rel=1e-6, abs=1e-6)
+    # the tokens trained on carry on from the checkpoint's count
+    resumed_log = scalars(sorted((in_tmp / "lightning_logs" / "cpu").glob("version_*"))[-1])
+    straight_log = scalars(ddp_run / "lightning_logs" / "cpu" / "version_0")
+    assert resumed_log["train/num_tokens"] == straight_log["train/num_tokens"][2:]
 
 
 def test_ddp_compiled_decoding_compiles_its_planned_graph_on_each_rank(tiny_model, in_tmp):
@@ -178,6 +186,17 @@ def test_ddp_logs_trl_reward_std_and_length_extremes_over_both_ranks(ddp_run):
         lengths = [r["steps"][step]["lengths"] for r in records]
         assert dict(logged["train/completions/min_length"])[step] == min(lengths[0] + lengths[1])
         assert dict(logged["train/completions/max_length"])[step] == max(lengths[0] + lengths[1])
+        # TRL's per-reward std, and the terminated lengths, over both ranks' completions
+        for name in records[0]["steps"][step]["components"]:
+            values = torch.tensor([x for r in records for x in r["steps"][step]["components"][name]])
+            assert dict(logged[f"train/rewards/{name}/std"])[step] == pytest.approx(values.std().item(), rel=1e-5)
+        ended = [n for r in records for n, t in zip(r["steps"][step]["lengths"], r["steps"][step]["terminated"]) if t]
+        for kind, expected in (("mean", sum(ended) / max(len(ended), 1)), ("min", min(ended, default=0)),
+                               ("max", max(ended, default=0))):
+            assert dict(logged[f"train/completions/{kind}_terminated_length"])[step] == pytest.approx(expected)
+        # num_tokens: every rank's prompt and completion tokens, cumulative
+        tokens = sum(r["steps"][s]["tokens"] for r in records for s in range(step + 1))
+        assert dict(logged["train/num_tokens"])[step] == tokens
     # the ranks' extremes differ at some step, so a mean of per-rank extremes would have failed above
     assert any(min(r["steps"][s]["lengths"]) != min(records[0]["steps"][s]["lengths"]) or
                max(r["steps"][s]["lengths"]) != max(records[0]["steps"][s]["lengths"])

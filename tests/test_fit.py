@@ -186,9 +186,9 @@ def test_fit_each_loss_type_and_iterations(tiny_model, in_tmp, monkeypatch, loss
         calls["prepare"] += 1
         return prepare(self, batch)
 
-    def counting_logps(self, model, rollout):
+    def counting_logps(self, model, rollout, *args, **kwargs):
         calls["policy" if model is self.policy else "reference"] += 1
-        return token_logps(self, model, rollout)
+        return token_logps(self, model, rollout, *args, **kwargs)
 
     monkeypatch.setattr(GRPO, "prepare", counting_prepare)
     monkeypatch.setattr(GRPO, "token_logps", counting_logps)
