@@ -73,7 +73,7 @@ from qmath.policy import Policy, RolloutDtype
 from qmath.rewards import Reward, default_rewards, score
 from qmath.rollout import Rollout
 from qmath.stats import eval_metrics, rollout_stats, train_metrics
-from qmath.steps import FiniteSteps, NonFiniteError, gradient_norm
+from qmath.steps import FiniteSteps, NonFiniteError, gradient_norm, gradient_norms
 
 log = logging.getLogger(__name__)
 
@@ -521,8 +521,9 @@ class GRPO(HeldOutEvaluation, LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the gradient norm before clipping (HF Trainer's ``grad_norm``), and skip the step when the loss or a
         gradient is not finite, so that no NaN reaches the weights or Adam."""
-        self.log("train/grad_norm", gradient_norm(self))
-        if self.guard.check(self):
+        norms = gradient_norms(self)
+        self.log("train/grad_norm", gradient_norm(self, norms))
+        if self.guard.check(self, norms):
             self.forms.stale = True  # the step changes the weights the rollout copy holds
         self.log("train/skipped_steps", float(self.guard.skipped))
         self.guard.enforce_limit(self.trainer.global_step)

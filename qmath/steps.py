@@ -20,14 +20,18 @@ class NonFiniteError(QMathError, FloatingPointError):
     at the same step (they agree on each step's finiteness)."""
 
 
-def gradient_norm(module: Any) -> Tensor:
-    """The global L2 norm of the gradients before clipping (HF Trainer's ``grad_norm``), as
-    ``clip_grad_norm_`` computes it; under FSDP each rank holds a shard's gradients, and the squares are summed
-    across ranks. NaN or inf where a gradient is."""
+def gradient_norms(module: Any) -> Tensor:
+    """Each gradient's L2 norm (``[n]``, empty without gradients): read once per step, for the logged norm and the
+    finiteness check alike."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
-        return torch.zeros((), device=module.device)
-    squared = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) ** 2
+    return torch.stack(torch._foreach_norm(grads)) if grads else torch.zeros(0, device=module.device)
+
+
+def gradient_norm(module: Any, norms: Tensor) -> Tensor:
+    """The global L2 norm of the gradients before clipping (HF Trainer's ``grad_norm``) from
+    :func:`gradient_norms`, as ``clip_grad_norm_`` computes it; under FSDP each rank holds a shard's gradients,
+    and the squares are summed across ranks (by every rank, with gradients or not). NaN or inf where a gradient is."""
+    squared = torch.linalg.vector_norm(norms.float()) ** 2
     if isinstance(module.trainer.strategy, FSDPStrategy):
         squared = module.trainer.strategy.reduce(squared, reduce_op="sum")
     return squared.sqrt()
@@ -46,15 +50,14 @@ class FiniteSteps:
         self.in_a_row = 0
         self.loss_not_finite = False  # set by the training step of this optimizer step's micro-batches
 
-    def check(self, module: Any) -> bool:
+    def check(self, module: Any, norms: Tensor | None = None) -> bool:
         """Whether the step runs; if not, drops ``module``'s gradients so that AdamW leaves every parameter as it
-        was, decay and moments included."""
+        was, decay and moments included. ``norms``: :func:`gradient_norms`, if already read."""
         finite = not self.loss_not_finite
         self.loss_not_finite = False
         trainer = module.trainer
         if getattr(trainer.precision_plugin, "scaler", None) is None:
-            grads = [p.grad for p in module.parameters() if p.grad is not None]
-            norms = torch.stack(torch._foreach_norm(grads)) if grads else torch.zeros(1, device=module.device)
+            norms = gradient_norms(module) if norms is None else norms
             finite = finite and bool(torch.isfinite(norms).all())
         # all ranks must agree (under FSDP each sees only its shard of the gradients)
         finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
