@@ -147,7 +147,8 @@ class GRPO(HeldOutEvaluation, LightningModule):
         max_sampling_rounds: with ``dynamic_sampling``, at most this many extra rounds of prompts per rollout; if
             still short, the rollout is topped up with the dropped groups.
         maj_k: at validation and test, also sample this many completions per problem (at ``temperature``) and log
-            ``accuracy_maj@k`` (the majority answer is right) and ``pass@k`` (any is right). ``None``: greedy only.
+            ``accuracy_mean@k`` (the share of samples that are right), ``accuracy_maj@k`` (the majority answer is
+            right) and ``pass@k`` (any is right). ``None``: greedy only.
         reward_errors: what a reward that raises, returns the wrong count, or returns NaN, inf or ``None`` does:
             ``raise`` stops training with an error naming the reward and a completion; ``zero`` scores the affected
             completions 0, counts them (``reward_errors`` per step) and warns once per reward.
@@ -252,7 +253,7 @@ class GRPO(HeldOutEvaluation, LightningModule):
         self._reward_errors = 0
         self._warned_rewards: set[str] = set()
         self.num_tokens = 0  # prompt and completion tokens trained on, every rank's, over the run (checkpointed)
-        self._step_time, self._batch_started = 0.0, 0.0
+        self._step_time, self._batch_started = 0.0, 0.0  # seconds of the step so far, when the micro-batch began
         # separate objects, so that a validation inside fit never mixes its counts with a test's
         self.val_metrics, self.test_metrics = eval_metrics(maj_k), eval_metrics(maj_k)
         self.last_rollout: dict[str, list] = {}  # the latest scored completions, for LogCompletions
@@ -304,14 +305,14 @@ class GRPO(HeldOutEvaluation, LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_started = time.perf_counter()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Log TRL's ``step_time``: the seconds of this optimizer step's micro-batches (rollout, forward, backward
-        and the optimizer step), and the cumulative ``num_tokens``."""
+    def on_after_backward(self) -> None:
+        # TRL's step_time: each micro-batch from its start to the end of its backward (rollout, forward, backward),
+        # so neither the optimizer step nor the callbacks' batch-end hooks (a checkpoint save) count
         self._step_time += time.perf_counter() - self._batch_started
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
-            self.log("train/step_time", self._step_time)
             self.log("train/num_tokens", float(self.num_tokens))
-            self._step_time = 0.0
 
     def on_train_start(self) -> None:
         if getattr(self, "_rng_states", None):
@@ -468,6 +469,8 @@ class GRPO(HeldOutEvaluation, LightningModule):
         everyone = mine
         if self.trainer.world_size > 1:  # ranks hold different token counts: gather padded, then cut each
             counts = self.all_gather(torch.tensor(mine.numel(), device=mine.device)).flatten()
+            if int(counts.max()) == 0:  # no rank has a token (all truncated and masked): no zero-size gather
+                return high_entropy_mask(entropies, loss_mask, entropy_threshold(mine, rho))
             padded = torch.zeros(int(counts.max()), device=mine.device)
             padded[:mine.numel()] = mine
             gathered = self.all_gather(padded)
@@ -521,6 +524,8 @@ class GRPO(HeldOutEvaluation, LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the gradient norm before clipping (HF Trainer's ``grad_norm``), and skip the step when the loss or a
         gradient is not finite, so that no NaN reaches the weights or Adam."""
+        self.log("train/step_time", self._step_time)
+        self._step_time = 0.0
         norms = gradient_norms(self)
         self.log("train/grad_norm", gradient_norm(self, norms))
         if self.guard.check(self, norms):
@@ -607,6 +612,11 @@ def _check_loss_options(options: dict[str, Any]) -> None:
     if delta is not None and delta <= 1 + (options["epsilon"] if epsilon_high is None else epsilon_high):
         rank_zero_warn(f"model.delta ({delta}) is at most 1 + model.epsilon_high: TRL recommends above it, or the "
                        "cap binds before the clip")
+    if options["off_policy_mask_threshold"] is not None and options["num_iterations"] == 1 and options[
+            "rollout_dtype"] is None:
+        rank_zero_warn("model.off_policy_mask_threshold masks completions that drifted from the policy that sampled "
+                       "them; with model.num_iterations 1 and no model.rollout_dtype copy none can drift, so it masks "
+                       "nothing")
     if level == "sequence" and loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
         rank_zero_warn(f"model.importance_sampling_level sequence with model.loss_type {loss_type}: the loss sums "
                        "per-token terms, so each sequence weighs by its length; GSPO's setup is loss_type grpo")

@@ -33,7 +33,8 @@ def gradient_norm(module: Any, norms: Tensor) -> Tensor:
     and the squares are summed across ranks (by every rank, with gradients or not). NaN or inf where a gradient is."""
     squared = torch.linalg.vector_norm(norms.float()) ** 2
     if isinstance(module.trainer.strategy, FSDPStrategy):
-        squared = module.trainer.strategy.reduce(squared, reduce_op="sum")
+        # with cpu_offload the gradients, and so their norms, are in host memory, which NCCL cannot reduce
+        squared = module.trainer.strategy.reduce(squared.to(module.device), reduce_op="sum")
     return squared.sqrt()
 
 

@@ -9,9 +9,11 @@ so both sides agree to rounding (1e-12 relative).
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from qmath.grpo import (
     chunked_token_logps,
@@ -362,6 +364,24 @@ def test_vespo_with_sequence_correction_is_fine_without_a_rollout_copy():
         GRPO(loss_type="dapo", importance_sampling_level="sequence")
     with pytest.warns(UserWarning, match=r"model.delta \(1.1\) is at most 1 \+ model.epsilon_high"):
         GRPO(delta=1.1)
+    with pytest.warns(UserWarning, match="off_policy_mask_threshold .*num_iterations 1 and no model.rollout_dtype"):
+        GRPO(off_policy_mask_threshold=0.5, num_iterations=1, rollout_dtype=None)
+
+
+def test_fsdp_grad_norm_reduces_on_the_module_device_when_gradients_are_offloaded():
+    """fsdp.yaml's cpu_offload keeps gradients in host memory; NCCL reduces only device tensors."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from qmath.steps import gradient_norm
+
+    seen = []
+    strategy = FSDPStrategy()
+    strategy.reduce = lambda tensor, reduce_op: seen.append((tensor.device, reduce_op)) or torch.tensor(25.0)
+    module = SimpleNamespace(device=torch.device("meta"), trainer=SimpleNamespace(strategy=strategy))
+    assert gradient_norm(module, torch.tensor([3.0, 4.0])).item() == 5.0  # sqrt of every rank's summed squares
+    assert seen == [(torch.device("meta"), "sum")]
 
 
 FITS = {
@@ -380,6 +400,21 @@ OWN_STATS = {"cispo": ["train/cispo_clip_ratio"], "sapo": [], "vespo": ["train/v
              "options": ["train/clip_ratio/low_min", "train/clip_ratio/high_max", "train/policy_loss"]}
 
 
+class SlowAfterStep(Callback):
+    """Sleeps after each micro-batch, as a checkpoint save does, and notes when each one starts."""
+
+    SLEEP = 0.3
+    starts: list[float] = []  # the latest run's (the CLI builds the instance)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 0 and batch_idx == 0:
+            SlowAfterStep.starts = []
+        SlowAfterStep.starts.append(time.perf_counter())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        time.sleep(self.SLEEP)
+
+
 @pytest.mark.parametrize("run", list(FITS))
 def test_a_short_fit_with_each_new_loss_type_logs_trl_metrics(tiny_model, in_tmp, run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -388,7 +423,8 @@ def test_a_short_fit_with_each_new_loss_type_logs_trl_metrics(tiny_model, in_tmp
     from tests.test_fit import REWARDS, check_hparams_and_layout, scalars, tiny_config
 
     cli = main(["fit", "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)), *FITS[run],
-                "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])
+                "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                "--trainer.callbacks+", "tests.test_trl_options.SlowAfterStep"])
     assert cli.trainer.global_step == 2
     log_dir = in_tmp / "lightning_logs" / "cpu" / "version_0"
     logged = scalars(log_dir)
@@ -402,6 +438,12 @@ def test_a_short_fit_with_each_new_loss_type_logs_trl_metrics(tiny_model, in_tmp
     entropy = [v for _, v in logged["train/entropy"]]
     assert all(0 < v <= math.log(cli.model.policy.config.vocab_size) for v in entropy)  # nats, at most log V
     assert all(v > 0 for _, v in logged["train/step_time"]) and all(v > 0 for _, v in logged["train/grad_norm"])
+    # step_time is the micro-batches' time without what follows the optimizer step (here a sleep, as a save):
+    # step 0's micro-batches lie between the first start and the next step's, less the sleep after each
+    accumulate = cli.trainer.accumulate_grad_batches
+    starts = SlowAfterStep.starts
+    assert len(starts) == 2 * accumulate
+    assert logged["train/step_time"][0][1] <= starts[accumulate] - starts[0] - accumulate * SlowAfterStep.SLEEP
     tokens = [v for _, v in logged["train/num_tokens"]]
     last = sum(int(m.prompt_mask.sum() + m.completion_mask.sum()) for m in cli.model.micro_batches)
     if cli.model.hparams.num_iterations == 2:  # one rollout for both steps: counted once
