@@ -1,7 +1,7 @@
 """Proof of learning: held-out accuracy of the embedded default before and after one `fit`, and its curves.
 
     python benchmarks/learning.py --seed 0 [--num-val 500] [--workdir learning] [--png docs/learning.png]
-                                  [-- extra fit options, e.g. --model.optimizer.init_args.lr 1e-5]
+                                  [--select] [-- extra fit options, e.g. --model.optimizer.init_args.lr 1e-5]
 
 1. Greedy evaluation of the base model on the data module's held-out split (``--num-val`` synthetic problems,
    always the default 1/2/3-step mix). Greedy decoding is deterministic, so this result is cached in the workdir
@@ -11,6 +11,10 @@
 4. Prints each reward component's mean over the first and last 10 steps, and the held-out strict-format rate and
    accuracies before and after, with standard errors; writes ``results.json`` and a PNG of the training curves
    read back from the TensorBoard event file.
+
+``--select`` evaluates on a selection slice instead: the first ``--num-val`` problems of another seed's held-out
+stream (``--data.seed SELECT_SEED`` for the evaluations only; training is unchanged), so that recipes are chosen on
+problems that the held-out figures do not use.
 
 Standard errors: of a rate p over n problems, sqrt(p(1 - p) / n); of the accuracy change, the paired one (the same
 problems before and after): the standard deviation of the per-problem change over sqrt(n).
@@ -37,17 +41,31 @@ CURVES = [("train/rewards/" + n + "/mean", n) for n in MAX_SCORE]
 GRADED = {"strict": "correct", "lenient": "correct_lenient", "format": "format"}
 
 
-def evaluate(num_val: int, options: list[str], workdir: Path, ckpt: str | None = None) -> list[dict]:
-    """Greedy answers on the held-out problems, one record per problem: question, and strict, lenient, format."""
+def evaluate(num_val: int, options: list[str], workdir: Path, ckpt: str | None = None,
+             maj_k: int | None = None) -> tuple[list[dict], dict[str, float]]:
+    """Greedy answers on the held-out problems, one record per problem: question, and strict, lenient, format;
+    and the logged metrics (with ``maj_k``, ``val/accuracy_mean@k``: the accuracy of samples at the run's
+    temperature, which is what training's correctness reward sees)."""
     from qmath.__main__ import main
 
     args = ["validate", "--data.num_val", str(num_val), "--trainer.logger", "false",
             "--trainer.default_root_dir", str(workdir),  # where LightningCLI saves its config.yaml
             "--trainer.enable_progress_bar", "false", *options]
+    if maj_k:
+        args += ["--model.maj_k", str(maj_k)]
     if ckpt:
         args += ["--ckpt_path", ckpt]
-    return [{"question": a.question, **{key: getattr(a, field) for key, field in GRADED.items()}}
-            for a in main(args).model.val_records]
+    cli = main(args)
+    records = [{"question": a.question, **{key: getattr(a, field) for key, field in GRADED.items()}}
+               for a in cli.model.val_records]
+    return records, {name: float(value) for name, value in cli.trainer.callback_metrics.items()}
+
+
+def steps_of(num_val: int, data_seed: int) -> dict[str, int]:
+    """Each held-out question's number of calculation steps (the lines of its solution before ``####``)."""
+    from qmath.synthetic import make_splits
+
+    return {row["question"]: row["answer"].count("\n") for row in make_splits(0, num_val, data_seed)[1]}
 
 
 # fit options that shape training only: greedy evaluation on the held-out set does not depend on them
@@ -155,6 +173,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-val", type=int, default=500, help="held-out problems (at least 200)")
     parser.add_argument("--workdir", default="learning", help="where runs, the cached baseline and results go")
     parser.add_argument("--png", default=None, help="the curves' PNG (default: WORKDIR/seedN/learning.png)")
+    parser.add_argument("--select", action="store_true",
+                        help="evaluate on the selection slice (another generator seed), not on the held-out set")
+    parser.add_argument("--select-seed", type=int, default=1000, help="data.seed of the selection slice")
+    parser.add_argument("--maj-k", type=int, default=None,
+                        help="also sample k answers per problem at the run's temperature, before and after, and "
+                             "report their mean accuracy (accuracy_mean@k) beside the greedy one")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("fit_options", nargs="*", help="after --: extra `fit` options")
     args = parser.parse_args(argv)
@@ -165,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     workdir = Path(args.workdir).resolve()
-    run_dir = workdir / f"seed{args.seed}"
+    run_dir = workdir / (f"seed{args.seed}" + ("-select" if args.select else ""))
     run_dir.mkdir(parents=True, exist_ok=True)
     png = Path(args.png).resolve() if args.png else run_dir / "learning.png"
     cwd, argv_before = os.getcwd(), sys.argv
@@ -180,16 +204,20 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(args: argparse.Namespace, workdir: Path, run_dir: Path, png: Path) -> dict:
     # validation must use the training run's model and data settings (lengths, prompt format)
-    eval_options = model_and_data_options(args.fit_options)
-    base_options = model_and_data_options(args.fit_options, adapters=False)
-    key = hashlib.sha1(json.dumps(base_options).encode()).hexdigest()[:8]
+    # the selection slice's --data.seed comes last: it overrides the run's for the evaluations only
+    select = ["--data.seed", str(args.select_seed)] if args.select else []
+    eval_options = model_and_data_options(args.fit_options) + select
+    base_options = model_and_data_options(args.fit_options, adapters=False) + select
+    # the sampled evaluation depends on the temperature, which training-only options may set
+    sampling = [o for o in args.fit_options if o.startswith("--model.temperature")] if args.maj_k else []
+    key = hashlib.sha1(json.dumps(base_options + sampling + [args.maj_k or 0]).encode()).hexdigest()[:8]
     cache = workdir / f"before-{args.num_val}-{key}.json"
     if cache.exists():
-        before = json.loads(cache.read_text())
+        before, before_metrics = json.loads(cache.read_text())
     else:
         start = time.time()
-        before = evaluate(args.num_val, base_options, workdir)
-        cache.write_text(json.dumps(before))
+        before, before_metrics = evaluate(args.num_val, base_options + sampling, workdir, maj_k=args.maj_k)
+        cache.write_text(json.dumps([before, before_metrics]))
         print(f"before: evaluated {len(before)} problems in {time.time() - start:.0f} s", flush=True)
 
     from qmath.__main__ import main as qmath_main
@@ -200,16 +228,19 @@ def run(args: argparse.Namespace, workdir: Path, run_dir: Path, png: Path) -> di
     fit_seconds = time.time() - start
     log_dir = str(Path(cli.trainer.logger.log_dir).resolve())
     ckpt = str(Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt")
-    after = evaluate(args.num_val, eval_options, workdir, ckpt)
+    start = time.time()
+    after, after_metrics = evaluate(args.num_val, eval_options + sampling, workdir, ckpt, args.maj_k)
+    print(f"after: evaluated {len(after)} problems in {time.time() - start:.0f} s", flush=True)
 
     scalars = read_scalars(log_dir)
     steps = len(scalars["train/reward"])
-    report = {"seed": args.seed, "num_val": args.num_val, "fit_options": args.fit_options, "steps": steps,
+    report = {"seed": args.seed, "num_val": args.num_val, "select_seed": args.select_seed if args.select else None,
+              "fit_options": args.fit_options, "steps": steps,
               "fit_seconds": round(fit_seconds), "log_dir": log_dir, "rewards": {}, "heldout": {},
               "peak_rss_gib": peak_rss_gib()}
     print(f"\nseed {args.seed}: {steps} steps in {fit_seconds / 60:.1f} min ({fit_seconds / steps:.1f} s/step, "
           f"peak RSS {report['peak_rss_gib']:.2f} GiB); "
-          f"held-out: {args.num_val} synthetic problems, greedy")
+          f"{'selection slice' if args.select else 'held-out'}: {args.num_val} synthetic problems, greedy")
     print(f"{'reward component':<36}{'first 10 steps':>18}{'last 10 steps':>18}")
     for tag in [t for t, _ in CURVES] + ["train/reward", "train/completions/mean_length"]:
         values = [v for _, v in scalars.get(tag, [])]
@@ -225,6 +256,19 @@ def run(args: argparse.Namespace, workdir: Path, run_dir: Path, png: Path) -> di
         z = change / se if se else float("nan")
         report["heldout"][key] = {"before": b, "after": a, "change": change, "change_se": se, "z": z}
         print(f"{label:<28}{b[0]:>10.1%} ± {b[1]:.1%}{a[0]:>10.1%} ± {a[1]:.1%}{change:>+10.1%} ± {se:.1%}{z:>6.1f}")
+    steps_by_question = steps_of(args.num_val, args.select_seed if args.select else 0)
+    report["by_steps"] = {}
+    for n in sorted(set(steps_by_question.values())):
+        pick = [i for i, r in enumerate(before) if steps_by_question.get(r["question"]) == n]
+        if pick:
+            b, a = (sum(records[i]["strict"] for i in pick) / len(pick) for records in (before, after))
+            report["by_steps"][n] = {"problems": len(pick), "before": b, "after": a}
+            print(f"{f'  {n}-step problems ({len(pick)})':<28}{b:>10.1%}{'':>8}{a:>10.1%}")
+    if args.maj_k:
+        name = f"val/accuracy_mean@{args.maj_k}"
+        report["sampled"] = {"k": args.maj_k, "before": before_metrics[name], "after": after_metrics[name]}
+        print(f"{f'sampled accuracy (mean@{args.maj_k})':<28}{before_metrics[name]:>10.1%}{'':>8}"
+              f"{after_metrics[name]:>10.1%}")
     (run_dir / "results.json").write_text(json.dumps(report, indent=2))
     (run_dir / "after.json").write_text(json.dumps(after))
     acc, fmt = report["heldout"]["strict"], report["heldout"]["format"]

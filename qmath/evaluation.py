@@ -16,6 +16,7 @@ from torch import Tensor
 from qmath.generation import MAJ_K, seed_for
 from qmath.metrics import grade, majority_vote, strict_answer
 from qmath.rewards import parse_number
+from qmath.stats import sampled_names
 
 
 @dataclass
@@ -50,7 +51,7 @@ def grade_batch(batch: dict[str, Any], texts: list[str], lengths: Tensor, sample
                 k: int | None = None, prompts: list[str] | None = None) -> tuple[list[Answer], dict[str, Tensor]]:
     """The batch's graded answers, and the metric values of its graded rows (``accuracy_strict``,
     ``accuracy_lenient``, ``format_rate``, ``completions/mean_length``; with ``k`` samples per row,
-    ``accuracy_maj@k`` and ``pass@k``)."""
+    ``accuracy_mean@k``, ``accuracy_maj@k`` and ``pass@k``)."""
     rows = graded_rows(batch)
     truths = [batch["answer"][i] for i in rows]
     graded = grade([texts[i] for i in rows], truths)
@@ -63,7 +64,7 @@ def grade_batch(batch: dict[str, Any], texts: list[str], lengths: Tensor, sample
                                                   graded["format_rate"])
     ]
     if not rows:  # every metric still updated (with nothing): each rank's metric syncs must pair up with its peers'
-        names = [*graded, "completions/mean_length"] + ([f"accuracy_maj@{k}", f"pass@{k}"] if k else [])
+        names = [*graded, "completions/mean_length"] + (sampled_names(k) if k else [])
         return answers, {name: torch.zeros(0) for name in names}
     values = {name: torch.tensor(v, dtype=torch.float) for name, v in graded.items()}
     values["completions/mean_length"] = lengths[rows].float()
@@ -71,6 +72,9 @@ def grade_batch(batch: dict[str, Any], texts: list[str], lengths: Tensor, sample
         numbers = [parse_number(t) for t in truths]
         picked = [[strict_answer(s) for s in samples[i * k:(i + 1) * k]] for i in rows]
         votes = [majority_vote(p) for p in picked]
+        # the share of samples that are right: the sampled accuracy that training's correctness reward sees
+        values[f"accuracy_mean@{k}"] = torch.tensor([sum(a is not None and a == n for a in p) / k
+                                                     for n, p in zip(numbers, picked)], dtype=torch.float)
         values[f"accuracy_maj@{k}"] = torch.tensor([v is not None and v == n for v, n in zip(votes, numbers)],
                                                    dtype=torch.float)
         values[f"pass@{k}"] = torch.tensor([n is not None and n in p for n, p in zip(numbers, picked)],

@@ -32,9 +32,14 @@ def train_metrics(reward_names: list[str]) -> torch.nn.ModuleDict:
     return torch.nn.ModuleDict(means | {"reward_errors": SumMetric()} | {k: m() for k, m in EXTREMES.items()})
 
 
+def sampled_names(k: int) -> list[str]:
+    """The metrics of ``maj_k``'s k samples per problem: their mean accuracy, the majority vote's, pass@k."""
+    return [f"accuracy_mean@{k}", f"accuracy_maj@{k}", f"pass@{k}"]
+
+
 def eval_metrics(maj_k: int | None) -> torch.nn.ModuleDict:
-    """One mean per graded quantity of a held-out evaluation (with ``maj_k``, also its vote and pass@k)."""
-    names = EVAL_STATS + ([f"accuracy_maj@{maj_k}", f"pass@{maj_k}"] if maj_k else [])
+    """One mean per graded quantity of a held-out evaluation (with ``maj_k``, also its samples' metrics)."""
+    names = EVAL_STATS + (sampled_names(maj_k) if maj_k else [])
     return torch.nn.ModuleDict({name: MeanMetric() for name in names})
 
 

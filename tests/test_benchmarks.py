@@ -44,6 +44,21 @@ def test_learning_runs_end_to_end_on_the_tiny_model(tiny_model, tmp_path):
     assert (tmp_path / "seed0" / "learning.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "seed0" / "results.json").read_text())["num_val"] == 200
     assert list(tmp_path.glob("before-200-*.json"))  # the baseline is cached for the next seed
+    by_steps = report["by_steps"]
+    assert sum(v["problems"] for v in by_steps.values()) == 200 and set(by_steps) <= {1, 2, 3}
+
+
+def test_learning_selects_on_another_slice_with_sampled_accuracy(tiny_model, tmp_path):
+    report = learning.main(["--workdir", str(tmp_path), "--num-val", "200", "--select", "--maj-k", "2", "--",
+                            "--model.model_name_or_path", str(tiny_model), "--model.max_completion_length", "8",
+                            "--data.max_prompt_length", "1024", "--data.num_few_shot", "0",
+                            "--trainer.max_steps", "2"])
+    assert report["select_seed"] == 1000 and (tmp_path / "seed0-select" / "results.json").exists()
+    assert 0 <= report["sampled"]["before"] <= 1 and report["sampled"]["k"] == 2
+    # the selection slice is another seed's held-out stream: none of its 200 questions is among the first 200
+    # held-out ones (Python's random.Random is the same on every machine; of the first 500, 2 coincide)
+    held_out, selection = learning.steps_of(500, 0), learning.steps_of(200, 1000)
+    assert len(set(held_out) & set(selection)) == 2
 
 
 @pytest.mark.parametrize("logits", ["chunked", "full"])

@@ -42,6 +42,7 @@ def expected(indices: list[int]) -> dict[str, float]:
     graded = grade([crafted(i) for i in indices], [str(i) for i in indices])
     out = {f"val/{name}": sum(values) / len(values) for name, values in graded.items()}
     votes = [majority_vote([strict_answer(s) for s in crafted_samples(i)]) for i in indices]
+    out[f"val/accuracy_mean@{K}"] = sum(crafted_samples(i).count(strict(i)) / K for i in indices) / len(indices)
     out[f"val/accuracy_maj@{K}"] = sum(v == i for v, i in zip(votes, indices)) / len(indices)
     out[f"val/pass@{K}"] = sum(strict(i) in crafted_samples(i) for i in indices) / len(indices)
     return out
@@ -203,7 +204,8 @@ def test_a_checkpoint_file_gives_its_base_model_but_not_its_settings(tiny_model,
 
 def test_maj_k_samples_are_seeded_and_logged(tiny_model, in_tmp):
     cli = main(["validate", "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)), "--model.maj_k", "3"])
-    assert {"val/accuracy_maj@3", "val/pass@3", "val/accuracy_strict"} <= set(cli.trainer.callback_metrics)
+    logged = set(cli.trainer.callback_metrics)
+    assert {"val/accuracy_mean@3", "val/accuracy_maj@3", "val/pass@3", "val/accuracy_strict"} <= logged
     module, data = cli.model, cli.datamodule
     batch = data.collate(data.val_rows[:2])
     texts, lengths = module.answer(batch, samples=3, seed=1)
