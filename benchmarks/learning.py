@@ -256,7 +256,10 @@ def run(args: argparse.Namespace, workdir: Path, run_dir: Path, png: Path) -> di
         z = change / se if se else float("nan")
         report["heldout"][key] = {"before": b, "after": a, "change": change, "change_se": se, "z": z}
         print(f"{label:<28}{b[0]:>10.1%} ± {b[1]:.1%}{a[0]:>10.1%} ± {a[1]:.1%}{change:>+10.1%} ± {se:.1%}{z:>6.1f}")
-    steps_by_question = steps_of(args.num_val, args.select_seed if args.select else 0)
+    # the evaluations' generator seed: the selection slice's, else the run's --data.seed (0 in cpu.yaml)
+    seeds = [o.split("=", 1)[1] if "=" in o else nxt for o, nxt in zip(args.fit_options, args.fit_options[1:] + [""])
+             if o.split("=", 1)[0] == "--data.seed"]
+    steps_by_question = steps_of(args.num_val, args.select_seed if args.select else int((seeds or ["0"])[-1]))
     report["by_steps"] = {}
     for n in sorted(set(steps_by_question.values())):
         pick = [i for i, r in enumerate(before) if steps_by_question.get(r["question"]) == n]
