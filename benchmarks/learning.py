@@ -4,7 +4,7 @@
                                   [--select] [-- extra fit options, e.g. --model.optimizer.init_args.lr 1e-5]
 
 1. Greedy evaluation of the base model on the data module's held-out split (``--num-val`` synthetic problems,
-   always the default 1/2/3-step mix). Greedy decoding is deterministic, so this result is cached in the workdir
+   always the generator's 1/2/3-step mix). Greedy decoding is deterministic, so this result is cached in the workdir
    and reused by later seeds.
 2. ``python -m qmath fit`` of the embedded default (``configs/cpu.yaml``) with ``--seed_everything SEED``.
 3. The same evaluation of the trained policy (its ``last.ckpt``).

@@ -21,7 +21,6 @@ from qmath.models import EMBEDDED_MODEL, load_tokenizer
 from qmath.rewards import SYSTEM_PROMPT
 from qmath.rows import DataError, Rows
 from qmath.samplers import Padded, PaddedDistributedSampler, RepeatBatchSampler, ShuffleSampler
-from qmath.synthetic import DEFAULT_MIX
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +54,11 @@ class GSM8K(LightningDataModule):
             ``val_fraction`` of it.
         val_fraction: the share of a local file held out for validation when ``val_path`` is not given.
         num_train: how many synthetic training problems to generate.
-        difficulty: weights of 1-, 2- and 3-step problems in the synthetic training set. The synthetic held-out set
-            always uses the default mix (0.5, 0.4, 0.1), so its accuracies compare across runs.
+        difficulty: weights of 1-, 2- and 3-step problems in the synthetic training set; ignored unless ``path`` is
+            ``synthetic``. One-step problems only by default: a 135M model solves some of them and almost none of
+            the longer ones, and a group whose samples are all wrong gives the correctness reward no gradient.
+            The synthetic held-out set always uses the generator's mix (0.5, 0.4, 0.1), so its accuracies compare
+            across runs and training mixes.
         num_val: how many held-out problems periodic validation (during ``fit``) and ``validate`` use: the first
             ``num_val`` of the held-out set, a fixed subset for speed; ``None``: all of it.
         num_test: how many held-out problems ``test`` uses: the first ``num_test``; ``None``: all of it (GSM8K's
@@ -94,7 +96,7 @@ class GSM8K(LightningDataModule):
         val_path: str | None = None,
         val_fraction: float = 0.05,
         num_train: int = 5000,
-        difficulty: tuple[float, float, float] = DEFAULT_MIX,
+        difficulty: tuple[float, float, float] = (1.0, 0.0, 0.0),
         num_val: int | None = 200,
         num_test: int | None = None,
         batch_size: int = 1,

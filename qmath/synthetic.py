@@ -104,7 +104,8 @@ TEMPLATES: dict[int, list[Callable[[random.Random], Problem]]] = {
 
 
 DEFAULT_MIX = (0.5, 0.4, 0.1)
-"""Weights of 1-, 2- and 3-step problems: the held-out set's mix, and the training set's by default."""
+"""Weights of 1-, 2- and 3-step problems: the held-out set's mix (``make_splits``' training default; the data module's
+is one-step problems only)."""
 
 
 def problems(seed: int, steps_weights: tuple[float, ...] = DEFAULT_MIX) -> Iterator[dict[str, str]]:
