@@ -138,7 +138,11 @@ class Rows:
     def describe(self, split: str) -> str:
         """Where ``split`` (``train``, ``validation``, ``test`` or ``predict``) comes from, for the start-up summary."""
         if self.path == "synthetic":
-            return "synthetic" + (" (held-out set)" if split != "train" else "")
+            if split != "train":
+                return "synthetic (held-out set)"
+            # the training mix differs from the held-out set's by default (cpu.yaml): say so where a run starts
+            mix = "" if tuple(self.difficulty) == DEFAULT_MIX else "/".join(f"{w:g}" for w in self.difficulty)
+            return "synthetic" + (f" (1-, 2-, 3-step problems weighted {mix})" if mix else "")
         if self._is_file(self.path):
             if split in ("train", "predict"):
                 return self.path

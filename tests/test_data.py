@@ -38,6 +38,15 @@ def test_difficulty_shapes_training_only():
         GSM8K(difficulty=(0.0, 0.0, 0.0))
 
 
+def test_the_start_up_summary_names_a_training_mix_other_than_the_held_out_sets():
+    from qmath.rows import Rows
+
+    assert Rows(difficulty=(1.0, 0.0, 0.0)).describe("train") == "synthetic (1-, 2-, 3-step problems weighted 1/0/0)"
+    assert Rows(difficulty=(0.5, 0.4, 0.1)).describe("train") == "synthetic"  # the held-out set's own mix
+    assert Rows(difficulty=(1.0, 0.0, 0.0)).describe("validation") == "synthetic (held-out set)"
+    assert GSM8K().hparams.difficulty == (1.0, 0.0, 0.0)  # what `python -m qmath fit` trains on (cpu.yaml's too)
+
+
 def test_synthetic_covers_every_template_and_step_count():
     rows = [row for row, _ in zip(problems(0), range(2000))]
     steps = {len(row["answer"].splitlines()) - 1 for row in rows}
