@@ -155,7 +155,7 @@ class RunSummary(Callback):
             lines += [f"  per step     {prompts} prompt(s) x {g} generations x {accumulate} micro-batch(es) x {world} "
                       f"device(s) = {prompts * accumulate * world} prompts, {prompts * g * accumulate * world} "
                       f"completions per optimizer step, sampled every {hp.num_iterations} step(s)",
-                      f"  data         {data.hparams.path}: {len(data.train_rows)} training prompts, "
+                      f"  data         {data.describe('train')}: {len(data.train_rows)} training prompts, "
                       f"{len(data.val_rows)} held-out for validation; {trainer.max_steps} steps"]
         elif data is not None:
             rows = {"validate": data.val_rows, "test": data.test_rows, "predict": data.predict_rows}[stage]

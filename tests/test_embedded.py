@@ -36,6 +36,7 @@ def test_embedded_default_runs_one_step_through_the_cli(in_tmp):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "1 prompt(s) x 8 generations x 1 micro-batch(es) x 1 device(s) = 1 prompts, 8 completions" in run.stdout
     assert "  parameters   134.5M (134.5M trainable)" in run.stdout
+    assert "  data         synthetic (1-, 2-, 3-step problems weighted 1/0/0): 20 training prompts" in run.stdout
     logged = scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")
     assert [s for s, _ in logged["train/rewards/strict_format/mean"]] == [0]
     assert 0 < logged["train/completions/mean_length"][0][1] <= 48
