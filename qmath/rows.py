@@ -140,9 +140,10 @@ class Rows:
         if self.path == "synthetic":
             if split != "train":
                 return "synthetic (held-out set)"
+            if tuple(self.difficulty) == DEFAULT_MIX:
+                return "synthetic"
             # the training mix differs from the held-out set's by default (cpu.yaml): say so where a run starts
-            mix = "" if tuple(self.difficulty) == DEFAULT_MIX else "/".join(f"{w:g}" for w in self.difficulty)
-            return "synthetic" + (f" (1-, 2-, 3-step problems weighted {mix})" if mix else "")
+            return f"synthetic (1-, 2-, 3-step problems weighted {'/'.join(f'{w:g}' for w in self.difficulty)})"
         if self._is_file(self.path):
             if split in ("train", "predict"):
                 return self.path
