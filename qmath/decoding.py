@@ -13,8 +13,15 @@ keys and values every token (34% of a bare loop's time on CPU). Here:
   from uniform noise drawn before the step (the same law as ``multinomial``, from cheaper draws); greedy decoding is
   the same step without noise. It returns each token's log-probability under the distribution it was drawn from.
 - :class:`Decoder` prefills each prompt once per group and repeats its cache for the G copies, then runs the step:
-  eagerly, or ``torch.compile``d once per padded row count (:class:`qmath.generation.DecodeShapes`) and, on a GPU,
-  captured as one CUDA graph that is replayed every token, so that the host only launches it.
+  eagerly over the live slots (``eager``), or with fixed shapes, once per padded row count
+  (:class:`qmath.generation.DecodeShapes`): ``torch.compile``d and on a GPU captured as one CUDA graph that is
+  replayed every token (``compiled``), or the eager step itself captured as a CUDA graph (``graphs``: no Triton,
+  which dropped pre-Ampere GPUs such as the T4 from its supported hardware in 3.3). Either way the host only
+  launches it.
+- A fixed-shape decoder keeps its KV buffers for the run; each call zeroes the slots it does not write, so a
+  non-finite value one call left behind (an fp16 overflow) cannot reach a later call through a masked slot
+  (0 x NaN is NaN in the attention product). A decoder that fails (its compile or capture raises, or
+  :mod:`qmath.decoding_check` finds its output wrong) frees its buffers and graphs (:meth:`Decoder.release`).
 """
 
 from __future__ import annotations
@@ -77,6 +84,18 @@ class Sampling:
         if self.top_p < 1.0:
             warpers.append(TopPLogitsWarper(self.top_p))
         return warpers
+
+
+def grouped(prompt_ids: Tensor, g: int, prompt_mask: Tensor | None = None) -> bool:
+    """Whether the rows come in runs of ``g`` copies of one prompt (and of its mask, if given)."""
+    rows = prompt_ids.size(0)
+    if g < 2 or rows % g:
+        return False
+    for x in (prompt_ids, prompt_mask) if prompt_mask is not None else (prompt_ids,):
+        runs = x.reshape(rows // g, g, -1)
+        if not bool((runs == runs[:, :1]).all()):
+            return False
+    return True
 
 
 def gumbel(uniform: Tensor) -> Tensor:
@@ -229,9 +248,10 @@ class DecodeState:
     and writes these very tensors); eagerly, one per call."""
 
     def __init__(self, rows: int, slots: int, max_new_tokens: int, vocab: int, kv: list[tuple[Tensor, Tensor]],
-                 pad_id: int, eos_ids: list[int], live: int | None, bias: Sequence[tuple[int, float]] = ()) -> None:
+                 pad_id: int, eos_ids: list[int], live: int | None, bias: Sequence[tuple[int, float]] = (),
+                 mask_dtype: torch.dtype = torch.float32) -> None:
         device = kv[0][0].device
-        self.pad_id, self.greedy = pad_id, True
+        self.pad_id, self.greedy, self.mask_dtype = pad_id, True, mask_dtype
         self.eos = torch.zeros(vocab, dtype=torch.bool, device=device)  # [V]: which tokens end a completion
         self.eos[torch.tensor(eos_ids, device=device)] = True
         self.bias = torch.zeros(vocab, dtype=torch.float32, device=device) if bias else None  # sequence_bias
@@ -280,25 +300,56 @@ class DecodeState:
             x.copy_(s)
 
 
+FIXED = ("compiled", "graphs")  # the decoders with fixed shapes, whose step a CUDA graph captures
+
+
 class Decoder:
     """Greedy or sampled completions of a causal LM through qmath's decode loop (see the module docstring).
 
-    ``compiled``: the step is ``torch.compile``d (one graph per padded row count) and on CUDA captured as a CUDA
-    graph; the caller pads the rows and gives the run's cache length (:class:`qmath.generation.DecodeShapes`).
+    ``mode``: ``eager`` (each step over the live slots), ``compiled`` (the step ``torch.compile``d, one graph per
+    padded row count, and on CUDA captured as a CUDA graph) or ``graphs`` (the eager step with the compiled one's
+    fixed shapes, captured as a CUDA graph on CUDA, run as it is elsewhere). For the last two the caller pads the
+    rows and gives the run's cache length (:class:`qmath.generation.DecodeShapes`).
     """
 
     def __init__(self, model: Any, eos_ids: list[int], pad_id: int, max_new_tokens: int, sampling: Sampling,
-                 compiled: bool = False) -> None:
+                 mode: str = "eager") -> None:
         self.model, self.pad_id, self.max_new_tokens, self.sampling = model, pad_id, max_new_tokens, sampling
-        self.eos_ids, self.compiled = eos_ids, compiled
+        self.eos_ids, self.mode = eos_ids, mode
+        self.fixed = mode in FIXED
         self.warpers = sampling.warpers()
         self.cache_kwarg = cache_argument(model)
-        self._kv: list[tuple[Tensor, Tensor]] | None = None  # compiled: the run's KV buffers, every row count's
-        self._states: dict[int, DecodeState] = {}  # compiled: per padded row count
-        self._runners: dict[int, Callable[[], Any]] = {}  # compiled: each row count's step (a CUDA graph's replay)
+        self.error: str | None = None  # why this decoder failed (then it is released and not used again)
+        self._kv: list[tuple[Tensor, Tensor]] | None = None  # fixed shapes: the run's KV buffers, every row count's
+        self._states: dict[int, DecodeState] = {}  # fixed shapes: per padded row count
+        self._runners: dict[int, Callable[[], Any]] = {}  # fixed shapes: each row count's step (a graph's replay)
+        self._graphs: list[Any] = []  # the CUDA graphs captured, kept alive with their pool
         self._compiled_step: Callable | None = None
         self._pool: Any = None  # the CUDA graphs' shared memory pool
+        self._stream: Any = None  # the CUDA stream this decoder warms up and captures on
         self._grouped_sdpa: bool | None = None  # whether the model switched to grouped_sdpa (None: not tried)
+
+    @property
+    def compiled(self) -> bool:
+        return self.mode == "compiled"
+
+    def release(self, error: str | None = None) -> None:
+        """Free what this decoder holds on the device (KV buffers, states, CUDA graphs and their pool, the compiled
+        step); with ``error``, mark it failed, so that its caller decodes another way from now on."""
+        if error is not None:
+            self.error = error
+        self._kv, self._compiled_step, self._pool, self._stream = None, None, None, None
+        self._states.clear()
+        self._runners.clear()
+        for graph in self._graphs:
+            graph.reset()
+        self._graphs.clear()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # the pool's blocks go back to the card, not only to torch's cache
+
+    def held_bytes(self) -> int:
+        """The bytes of the KV buffers this decoder keeps between calls (0 when it keeps none)."""
+        return sum(k.nbytes + v.nbytes for k, v in self._kv) if self._kv is not None else 0
 
     @staticmethod
     def unsupported(model: Any) -> str | None:
@@ -321,16 +372,18 @@ class Decoder:
                  rows: int | None = None, slots: int | None = None,
                  capacity: int | None = None) -> tuple[Tensor, Tensor]:
         """Completion ids ``[R, T']`` (pad after each row's EOS; ``T'`` up to the longest) and their log-probs
-        under the sampling distribution (0 after the EOS). Compiled: ``rows`` (at least ``R``) and ``slots``
+        under the sampling distribution (0 after the EOS). Fixed shapes: ``rows`` (at least ``R``) and ``slots``
         (at least prompt + ``max_new_tokens``) are the planned shapes, and ``capacity`` the most rows any call
         will have (the KV buffers are allocated once, for those). Runs in inference mode: callers clone."""
-        if not self.compiled:
+        if not self.fixed:
             return self._generate(input_ids, attention_mask, greedy, group, None, None, None)
-        with compile_settings(), self._grouped_query_decoding():
+        with compile_settings() if self.compiled else contextlib.nullcontext(), self._grouped_query_decoding():
             return self._generate(input_ids, attention_mask, greedy, group, rows, slots, capacity)
 
     def _grouped_query_decoding(self) -> contextlib.AbstractContextManager:
-        if self._grouped_sdpa is False:  # tried once: this model cannot switch its attention
+        # fixed shapes: the compiled step's sdpa repeats the KV heads, and so does transformers 4's eager sdpa under a
+        # mask; eager decoding over the live slots keeps transformers' own attention
+        if self._grouped_sdpa is False or not self.fixed:
             return contextlib.nullcontext()
         self._grouped_sdpa = True
         return grouped_query_decoding(self.model, self)
@@ -342,18 +395,21 @@ class Decoder:
             attention_mask = torch.nn.functional.pad(attention_mask, (1, 0), value=0)
         n, width = input_ids.shape
         kv = self._prefill(input_ids, attention_mask, group)
-        if self.compiled:
+        if self.fixed:
             rows = rows or n
-            state = self._compiled_state(kv, rows, slots or width + self.max_new_tokens, max(capacity or 0, rows))
+            state = self._fixed_state(kv, rows, slots or width + self.max_new_tokens, max(capacity or 0, rows))
         else:
             slots = width + self.max_new_tokens - 1
             state = DecodeState(n, slots, self.max_new_tokens, self._vocab(), self._buffers(kv, n, slots),
                                 self.pad_id, self.eos_ids, live=width, bias=self.sampling.bias)
+        padding = (attention_mask[:, None, : width - 1, None] == 0)  # the left padding of each prompt
         for layer, (keys, values) in enumerate(kv):
-            state.cache.keys[layer][:n, :, : width - 1] = keys
-            state.cache.values[layer][:n, :, : width - 1] = values
-            state.cache.keys[layer][n:, :, : width - 1] = keys[-1:]
-            state.cache.values[layer][n:, :, : width - 1] = values[-1:]
+            for buffer, prefilled in ((state.cache.keys[layer], keys), (state.cache.values[layer], values)):
+                # a pad token's keys and values are masked, but an overflow there (fp16) would be NaN x 0: zeroed
+                buffer[:n, :, : width - 1] = prefilled.masked_fill(padding, 0)
+                buffer[n:, :, : width - 1] = buffer[n - 1: n, :, : width - 1]
+                if self.fixed:  # slots an earlier call wrote and this one only masks: no NaN may hide there
+                    buffer[:, :, width - 1:].zero_()
         state.start(input_ids, attention_mask, greedy, self.sampling.min_new_tokens)
         steps = self._run(state, width)
         return state.out_tokens[:n, :steps], state.out_logps[:n, :steps]
@@ -361,7 +417,7 @@ class Decoder:
     def _run(self, state: DecodeState, width: int) -> int:
         """Decode until every row has ended or ``max_new_tokens``; the number of steps run."""
         every = CHECK_EVERY_CUDA if state.tokens.device.type == "cuda" else 1
-        runner = self._runner(state) if self.compiled else None
+        runner = self._runner(state) if self.fixed else None
         for t in range(self.max_new_tokens):
             if not state.greedy:
                 state.uniform.uniform_()
@@ -375,16 +431,17 @@ class Decoder:
         return self.max_new_tokens
 
     def _runner(self, state: DecodeState) -> Callable[[], Any]:
-        """The compiled step for ``state``'s row count; on CUDA, a replay of the CUDA graph it was captured as.
+        """The fixed-shape step for ``state``'s row count (compiled or not); on CUDA, a replay of the CUDA graph it
+        was captured as.
 
-        Capturing runs the step twice (a warm-up that compiles, then the capture): the state is put back as it
+        Capturing runs the step twice (a warm-up, which compiles, then the capture): the state is put back as it
         was, and the cache slots those runs wrote are written again by the real steps before they are read."""
         rows = state.tokens.size(0)
         if rows in self._runners:
             return self._runners[rows]
-        if self._compiled_step is None:
+        if self.compiled and self._compiled_step is None:
             self._compiled_step = torch.compile(self.step, fullgraph=True, dynamic=False)
-        compiled = self._compiled_step
+        compiled = self._compiled_step if self.compiled else self.step
 
         def step() -> None:
             compiled(state)
@@ -392,31 +449,70 @@ class Decoder:
         runner: Callable[[], Any] = step
         if state.tokens.device.type == "cuda":
             saved = state.snapshot()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
+            # this decoder's own stream, for the warm-up and the capture alike: a library's workspace first allocated
+            # on a stream shared with another decoder's graphs would live in their pool, and be freed under them
+            # when this decoder is released
+            if self._stream is None:
+                self._stream = torch.cuda.Stream()
+            self._stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._stream):
                 step()
-            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.current_stream().wait_stream(self._stream)
             state.restore(saved)
             graph = torch.cuda.CUDAGraph()
             # thread_local: under DDP, NCCL's watchdog thread queries events while this thread captures
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
                 step()
             self._pool = graph.pool()
+            self._graphs.append(graph)
             state.restore(saved)
             runner = graph.replay
+        self.verify(state, runner)
         self._runners[rows] = runner
         return runner
 
+    def verify(self, state: DecodeState, runner: Callable[[], Any]) -> None:
+        """Run one step of ``runner`` (a compiled step, a CUDA graph's replay) and the plain step on the same state
+        and compare the sampled tokens' log-probs: a capture or compile that computes something else raises here,
+        before any of its tokens are used (evaluation's graphs too, which no rollout's check sees). The state is
+        put back as it was; the cache slot both steps write is written again by the first real step."""
+        from qmath.decoding_check import bound_for
+
+        saved = state.snapshot()
+        outputs = []
+        for run in (runner, lambda: self.step(state)):
+            state.restore(saved)
+            run()
+            outputs.append(state.out_logps.index_select(1, saved[3]).clone())
+        state.restore(saved)
+        state.out_logps.zero_()
+        state.out_tokens.fill_(self.pad_id)
+        difference = float((outputs[0] - outputs[1]).abs().nan_to_num(nan=math.inf).max())
+        tolerance = bound_for(self.model.dtype).max
+        if not difference <= tolerance:
+            raise RuntimeError(f"its first step's log-probs differ from the plain step's by {difference:.3g} "
+                               f"(more than {tolerance:g})")
+
     def step(self, s: DecodeState) -> None:
-        """One token for every row, on the device: feed each row's token, sample the next, note which rows ended."""
+        """One token for every row, on the device: feed each row's token, sample the next, note which rows ended.
+
+        Nothing in it reads a value back to the host, so that a CUDA graph can capture it: with fixed shapes and no
+        compiler the attention mask is handed to the model already 4-d (transformers would otherwise inspect it)."""
         s.mask.index_fill_(1, s.slot, 1)  # this token's own slot
         live = s.cache.live
-        logits = self.model(input_ids=s.tokens[:, None], attention_mask=s.mask if live is None else s.mask[:, :live],
-                            position_ids=s.positions[:, None], use_cache=True,
-                            **{self.cache_kwarg: s.cache}).logits[:, -1]
+        if live is not None:
+            mask = s.mask[:, :live]
+        elif self.compiled:
+            mask = s.mask
+        else:
+            mask = additive_mask(s.mask, s.mask_dtype)
+        # fixed shapes: the slot as cache_position, which transformers 4 would otherwise make with torch.arange
+        # from the cache's length (a tensor here: a read back to the host, which a capture cannot hold)
+        where = {"cache_position": s.slot} if live is None else {}
+        logits = self.model(input_ids=s.tokens[:, None], attention_mask=mask, position_ids=s.positions[:, None],
+                            use_cache=True, **where, **{self.cache_kwarg: s.cache}).logits[:, -1]
         banned = s.eos & (s.step < s.min_new_tokens) if self.sampling.min_new_tokens else None
-        if live is None:  # compiled: one graph for greedy and sampled calls
+        if live is None:  # fixed shapes: one graph for greedy and sampled calls
             noise = torch.where(s.sample, gumbel(s.uniform), 0.0)
             bias = torch.where(s.sample, s.bias, 0.0) if s.bias is not None else None
         else:
@@ -435,8 +531,6 @@ class Decoder:
     def _prefill(self, input_ids: Tensor, attention_mask: Tensor, group: int) -> list[tuple[Tensor, Tensor]]:
         """Each layer's keys and values for all but the last prompt token of every row, ``[R, H, P - 1, D]``:
         computed once per run of ``group`` copies of one prompt, and repeated."""
-        from qmath.generation import grouped
-
         g = group if grouped(input_ids, group, attention_mask) else 1
         ids, mask = input_ids[::g, :-1], attention_mask[::g, :-1]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
@@ -454,16 +548,21 @@ class Decoder:
         return [tuple(torch.zeros(rows, x.size(1), slots, x.size(3), dtype=x.dtype, device=x.device) for x in kv)
                 for kv in like]
 
-    def _compiled_state(self, kv: list[tuple[Tensor, Tensor]], rows: int, slots: int, capacity: int) -> DecodeState:
+    def _fixed_state(self, kv: list[tuple[Tensor, Tensor]], rows: int, slots: int, capacity: int) -> DecodeState:
         """The persistent state of ``rows`` rows, over KV buffers of ``capacity`` rows allocated once for every row
         count (a plan that grows reallocates them, and every graph is captured again)."""
         if self._kv is None or self._kv[0][0].size(0) < capacity or self._kv[0][0].size(2) != slots:
-            self._kv = None
-            self._states.clear()
-            self._runners.clear()
+            self.release()
             self._kv = self._buffers(kv, capacity, slots)
         if rows not in self._states:
             views = [(k[:rows], v[:rows]) for k, v in self._kv]
             self._states[rows] = DecodeState(rows, slots, self.max_new_tokens, self._vocab(), views, self.pad_id,
-                                             self.eos_ids, live=None, bias=self.sampling.bias)
+                                             self.eos_ids, live=None, bias=self.sampling.bias,
+                                             mask_dtype=self.model.dtype)
         return self._states[rows]
+
+
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[R, S]`` 0/1 slots as the 4-d additive mask ``[R, 1, 1, S]`` transformers' attention takes as it is: 0 where
+    a row attends, the dtype's lowest value where it does not (``exp`` of it is 0, as transformers' own masks)."""
+    return torch.where(mask.bool(), 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]

@@ -65,3 +65,11 @@ def reported() -> Iterator[None]:
         prefix = f"qmath: error (rank {_rank()}): " if not error.every_rank and _rank() > 0 else "qmath: error: "
         print(prefix + str(error), file=sys.stderr, flush=True)
         raise SystemExit(EXIT_STATUS) from None
+    except RuntimeError as error:  # torch's OutOfMemoryError is one: a rank's own, said in one line
+        if debugging() or type(error).__name__ != "OutOfMemoryError":
+            raise
+        from qmath.memory import describe_oom
+
+        prefix = f"qmath: error (rank {_rank()}): " if _rank() > 0 else "qmath: error: "
+        print(prefix + describe_oom(error), file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_STATUS) from None

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qmath import memory
 from qmath.generation import MAJ_K, seed_for
 from qmath.metrics import grade, majority_vote, strict_answer
 from qmath.rewards import parse_number
@@ -108,6 +109,7 @@ class HeldOutEvaluation:
 
     def evaluate(self, batch: dict[str, Any], batch_idx: int, metrics: torch.nn.ModuleDict, stage: str) -> None:
         """Grade greedy answers (and, with ``maj_k``, a majority vote of samples); update and log ``metrics``."""
+        memory.at(self.trainer.global_step, stage)
         texts, lengths = self.answer(batch)
         k = self.hparams.maj_k
         # seeded by (seed, batch, rank), so that an evaluation repeats exactly

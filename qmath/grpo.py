@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 ScaleRewards = Literal["group", "batch", "none"]
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
@@ -54,25 +55,84 @@ def group_advantages(
 
 def selective_log_softmax(
     logits: Tensor, index: Tensor, temperature: float = 1.0, chunk_size: int = 4, entropy: bool = False,
-    entropy_grad: bool = False,
+    entropy_grad: bool = False, top_k: int | None = None, top_p: float = 1.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``log_softmax(logits / temperature)[..., index]`` without materialising a second ``[B, T, V]`` tensor; with
     ``entropy``, also each position's entropy (:func:`token_entropy`; with a gradient only if ``entropy_grad``).
+    With ``top_k`` or ``top_p`` < 1, the log-softmax is over the tokens sampling keeps (:func:`truncated_away`).
 
     Works ``chunk_size`` rows at a time: ``logit[index] - logsumexp(logits)`` per row, so a scaled copy of the
     logits exists for one chunk at a time only.
     """
     out, entropies = [], []
     for rows, ids in zip(logits.split(chunk_size), index.split(chunk_size)):
-        rows = rows.float()  # half-precision logits lose the small log-prob differences the ratio and KL need
+        scores = rows.float()  # half-precision logits lose the small log-prob differences the ratio and KL need
         if temperature != 1.0:
-            rows = rows / temperature
-        picked = rows.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-        lse = torch.logsumexp(rows, dim=-1)
-        out.append(picked - lse)
+            scores = scores / temperature
+        logps, chunk_entropy = _picked_logps(scores, ids, entropy, entropy_grad, top_k, top_p,
+                                             own=scores is not rows)
+        out.append(logps)
         if entropy:
-            entropies.append(token_entropy(rows, lse, entropy_grad))
+            entropies.append(chunk_entropy)
     return (torch.cat(out), torch.cat(entropies)) if entropy else torch.cat(out)
+
+
+def truncates(top_k: int | None, top_p: float) -> bool:
+    """Whether top-k or top-p cut the distribution rollouts are drawn from (the conditions of
+    ``qmath.decoding.Sampling.warpers``)."""
+    return bool(top_k) or top_p < 1.0
+
+
+@torch.no_grad()
+def truncated_away(scores: Tensor, keep: Tensor, top_k: int | None = None, top_p: float = 1.0,
+                   rows: int = 64) -> Tensor:
+    """Where transformers' top-k and then top-p warpers set ``scores`` (``[..., V]``, already divided by the
+    temperature) to -inf, as the decode loop and ``generate`` apply them, except at each position's ``keep`` token
+    (``[...]``): a boolean mask of ``scores``' shape.
+
+    The warpers themselves, so that the trainer replays whatever the installed transformers samples with (top-k
+    keeps every tie of the k-th score; top-p drops the ascending-sorted tokens whose cumulative probability is at
+    most ``1 - top_p``, never the most likely one). ``keep`` (the sampled token) stays in even where the trainer's
+    logits, rounded differently from the sampler's, put it just outside: its log-prob is then finite, not -inf.
+    ``rows`` positions at a time, because top-p's sort, indices, softmax and cumulative sum are four more
+    temporaries of the rows' size.
+
+    >>> truncated_away(torch.tensor([[3.0, 2.0, 2.0, 0.0]]), torch.tensor([0]), top_k=2)  # both ties at the 2nd
+    tensor([[False, False, False,  True]])
+    >>> truncated_away(torch.tensor([[3.0, 2.0, 2.0, 0.0]]), torch.tensor([3]), top_k=1)  # and the sampled token
+    tensor([[False,  True,  True, False]])
+    """
+    warpers = ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+    flat = scores.reshape(-1, scores.size(-1))  # top-p's scatter is along dim 1
+    removed = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
+    for part, out in zip(flat.split(rows), removed.split(rows)):
+        for warper in warpers:
+            part = warper(None, part)
+        torch.isneginf(part, out=out)
+    removed.scatter_(-1, keep.reshape(-1, 1), False)
+    return removed.view(scores.shape)
+
+
+def _picked_logps(scores: Tensor, index: Tensor, entropy: bool, entropy_grad: bool, top_k: int | None,
+                  top_p: float, own: bool) -> tuple[Tensor, Tensor | None]:
+    """``log_softmax(scores)[..., index]``, over the tokens top-k and top-p keep where they are set, and with
+    ``entropy`` the entropy of ``softmax(scores)``. ``own``: ``scores`` is a temporary that may be overwritten."""
+    if not truncates(top_k, top_p):
+        lse = torch.logsumexp(scores, dim=-1)
+        logps = scores.gather(-1, index.unsqueeze(-1)).squeeze(-1) - lse
+        return logps, token_entropy(scores, lse, entropy_grad) if entropy else None
+    # The entropy stays the policy's over the whole vocabulary: the quantity TRL logs and the 80/20 paper ranks
+    # tokens by, comparable across top_p settings, and an entropy bonus's gradient reaches every logit as before.
+    entropies = token_entropy(scores, torch.logsumexp(scores, dim=-1), entropy_grad) if entropy else None
+    # The sampler returns log-probs renormalised over the kept tokens (TRL's processed log-probs); over the whole
+    # vocabulary every ratio to them would carry the kept mass, which is no change of policy. masked_fill's
+    # gradient is 0 where it filled: only the kept logits get one.
+    removed = truncated_away(scores.detach(), index, top_k, top_p)
+    if own and not (entropy and entropy_grad):  # (an entropy with a gradient keeps these scores for backward)
+        scores = scores.masked_fill_(removed, -math.inf)
+    else:
+        scores = scores.masked_fill(removed, -math.inf)
+    return scores.gather(-1, index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scores, dim=-1), entropies
 
 
 def token_entropy(logits: Tensor, logsumexp: Tensor, grad: bool = False) -> Tensor:
@@ -92,10 +152,12 @@ def token_entropy(logits: Tensor, logsumexp: Tensor, grad: bool = False) -> Tens
 def chunked_token_logps(
     hidden: Tensor, weight: Tensor, index: Tensor, temperature: float = 1.0, bias: Tensor | None = None,
     chunk_size: int = 512, recompute_above: int = 256 * 2**20, entropy: bool = False, entropy_grad: bool = False,
+    top_k: int | None = None, top_p: float = 1.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``log_softmax((hidden @ weight.T + bias) / temperature)[..., index]``, ``[B, T]``, from hidden states; with
     ``entropy``, also the entropy of each token's distribution, ``[B, T]`` (TRL's ``entropy``; with a gradient only
-    if ``entropy_grad``, for the entropy bonus), from the same chunk of logits.
+    if ``entropy_grad``, for the entropy bonus), from the same chunk of logits. With ``top_k`` or ``top_p`` < 1,
+    the log-softmax is over the tokens sampling keeps (:func:`truncated_away`), the entropy still over all.
 
     ``hidden`` is ``[B, T, H]`` (the last hidden states), ``weight`` the ``[V, H]`` output embedding. The logits
     exist for ``chunk_size`` tokens at a time only, never for the whole batch: a ``[B, T, V]`` tensor is the usual
@@ -115,10 +177,10 @@ def chunked_token_logps(
     out, entropies = [], []
     for h, i in zip(flat.split(chunk_size), ids.split(chunk_size)):
         if grad:  # only checkpointing depends on it: without, autograd records the chunk as usual
-            chunk = checkpoint(_chunk_logps, h, weight, bias, i, temperature, entropy, entropy_grad,
+            chunk = checkpoint(_chunk_logps, h, weight, bias, i, temperature, entropy, entropy_grad, top_k, top_p,
                                use_reentrant=False)
         else:
-            chunk = _chunk_logps(h, weight, bias, i, temperature, entropy, entropy_grad)
+            chunk = _chunk_logps(h, weight, bias, i, temperature, entropy, entropy_grad, top_k, top_p)
         out.append(chunk[0])
         if entropy:
             entropies.append(chunk[1])
@@ -127,14 +189,13 @@ def chunked_token_logps(
 
 
 def _chunk_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, temperature: float,
-                 entropy: bool, entropy_grad: bool) -> tuple[Tensor, Tensor | None]:
+                 entropy: bool, entropy_grad: bool, top_k: int | None = None,
+                 top_p: float = 1.0) -> tuple[Tensor, Tensor | None]:
     with torch.autocast(hidden.device.type, enabled=False):  # 16-mixed would run the head in fp16
         logits = F.linear(hidden.float(), weight, bias)
     if temperature != 1.0:
         logits = logits.div_(temperature)  # in place: linear's backward does not need its output
-    lse = torch.logsumexp(logits, dim=-1)
-    logps = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1) - lse
-    return logps, token_entropy(logits, lse, entropy_grad) if entropy else None
+    return _picked_logps(logits, index, entropy, entropy_grad, top_k, top_p, own=True)
 
 
 def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:

@@ -21,18 +21,21 @@ from qmath.compat import (
     checkpointing_can_keep_cache,
     is_activation_checkpointing,
 )
-from qmath.generation import grouped
+from qmath.decoding import grouped
 from qmath.grpo import chunked_token_logps, selective_log_softmax
 from qmath.rollout import Rollout
 
 
 def token_logps(model: Any, rollout: Rollout, temperature: float, group: int, linear_head: bool,
-                entropy: bool = False, entropy_grad: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                entropy: bool = False, entropy_grad: bool = False, top_k: int | None = None,
+                top_p: float = 1.0) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probs of the completion tokens under ``model`` at ``temperature``, ``[B, T]``; with ``entropy``, also
     each token's entropy at that temperature (with a gradient if ``entropy_grad``), from the same logits.
 
     ``linear_head``: the logits are ``output_embeddings(decoder(x))`` (:func:`head_is_linear`), so they can be
-    made a chunk at a time from the hidden states.
+    made a chunk at a time from the hidden states. ``top_k``, ``top_p``: the sampling's truncation, replayed on
+    ``model``'s own logits, so that the log-probs are over the tokens it keeps, as the sampler's are
+    (:func:`qmath.grpo.truncated_away`); the entropy stays over the whole vocabulary.
     """
     input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
     attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
@@ -49,10 +52,10 @@ def token_logps(model: Any, rollout: Rollout, temperature: float, group: int, li
             hidden = model.get_decoder()(**inputs).last_hidden_state[:, -width - 1:-1]
         head = model.get_output_embeddings()
         return chunked_token_logps(hidden, head.weight, rollout.completion_ids, temperature, head.bias,
-                                   entropy=entropy, entropy_grad=entropy_grad)
+                                   entropy=entropy, entropy_grad=entropy_grad, top_k=top_k, top_p=top_p)
     logits = model(**inputs, logits_to_keep=width + 1).logits[:, :-1]
     return selective_log_softmax(logits, rollout.completion_ids, temperature, entropy=entropy,
-                                 entropy_grad=entropy_grad)
+                                 entropy_grad=entropy_grad, top_k=top_k, top_p=top_p)
 
 
 def groups_share_prompts(model: Any, prompt_ids: Tensor, g: int, prompt_mask: Tensor | None = None) -> bool:

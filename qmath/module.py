@@ -46,7 +46,9 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from qmath import memory
 from qmath.checkpointing import load_state, restore_rng_states, save_state
+from qmath.decoding_check import DecodingCheck, bound_for, non_finite_rows
 from qmath.dynamic_sampling import resample
 from qmath.errors import ConfigError
 from qmath.evaluation import Answer, HeldOutEvaluation
@@ -93,14 +95,20 @@ class GRPO(HeldOutEvaluation, LightningModule):
         num_generations: completions sampled per prompt (G); the group that advantages are relative to.
         max_completion_length: the most tokens generated per completion.
         temperature: sampling temperature for rollouts.
-        top_p: nucleus sampling threshold for rollouts (1.0: off).
-        top_k: top-k sampling for rollouts (``None``: off).
+        top_p: nucleus sampling threshold for rollouts (1.0: off). Below 1 the trainer's log-probs (π_old, π_θ and
+            the KL reference's) are over the tokens it keeps, as the sampled ones are (docs/algorithm.md).
+        top_k: top-k sampling for rollouts (``None``: off); when set, the trainer's log-probs are over the kept
+            tokens too (see ``top_p``).
         generation_backend: ``eager`` (qmath's decode loop: a pre-allocated KV cache, each prompt prefilled once
             for its G copies, sampling on the device), ``compiled`` (its step compiled, and captured as a CUDA graph
             on a GPU, one graph per planned row count; outside the plan, or if compiling fails, eager with a
-            warning), ``transformers`` or ``transformers-compiled`` (transformers' ``generate``, dynamic or static
-            KV cache), or ``auto``: compiled on CUDA, eager on CPU. What the loop lacks (logits processors other
-            than ``min_new_tokens`` and single-token ``sequence_bias``; sliding windows; FSDP) uses ``generate``.
+            warning), ``graphs`` (the eager step with the same fixed shapes captured as CUDA graphs, without
+            torch.compile and so without Triton), ``transformers`` or ``transformers-compiled`` (transformers'
+            ``generate``, dynamic or static KV cache), or ``auto``: on CUDA ``compiled`` from compute capability 8.0
+            (Ampere) and ``graphs`` below it (T4, V100: Triton 3.3 dropped them), eager on CPU. A compiled or
+            captured decoder whose log-probs disagree with the trainer's beyond rounding is released for eager
+            decoding (docs/faults.md). What the loop lacks (logits processors other than ``min_new_tokens`` and
+            single-token ``sequence_bias``; sliding windows; FSDP) uses ``generate``.
         generation_kwargs: further ``generate`` arguments for rollouts, as TRL's option of that name, e.g.
             ``{min_new_tokens: 96}``. Nothing else of the model's own ``generation_config.json`` applies (Qwen2.5's
             ``repetition_penalty: 1.1`` would make the sampled distribution differ from the one the loss scores);
@@ -243,10 +251,11 @@ class GRPO(HeldOutEvaluation, LightningModule):
         lora = {k: v for k, v in self.hparams.items() if k.startswith("lora_")}
         # the policy in every form: training weights, KL reference, rollout copy (registered below as `policy`)
         self.forms = Policy(model_name_or_path, trust_remote_code, temperature, num_generations,
-                            gradient_checkpointing, lora, rollout_dtype)
+                            gradient_checkpointing, lora, rollout_dtype, top_k=top_k, top_p=top_p)
         self.policy: Any = None
         self.tokenizer: Any = None
         self.sampler: Sampler | None = None
+        self.decoding_check: DecodingCheck | None = None  # made when fit starts, against the run's precisions
         # accumulated over an optimizer step's micro-batches, then computed across ranks and reset
         self.train_stats = train_metrics(names)
         self.guard = FiniteSteps(max_skipped_steps)  # skips the steps whose loss or gradient is not finite
@@ -289,11 +298,40 @@ class GRPO(HeldOutEvaluation, LightningModule):
         # all ranks or none: each logs (and syncs) the copy's statistics
         make = self.trainer.strategy.reduce_boolean_decision(self.forms.copy_dtype(self.device) is not None, all=True)
         self.sampler.use_rollout_model(self.forms.load_rollout_copy(self.device, make))
+        self.decoding_check = DecodingCheck(self.sampler, bound_for(*self.precisions()), self.unjudged_decoding())
+        # before step 1 and before a resume loads the optimizer's states: a run that cannot fit ends here
+        line = memory.check(self)
+        if line and self.trainer.is_global_zero:
+            print(f"  memory       {line}", flush=True)
         if self.sampler.rollout_model is not None and self.sampler.mode(self.device).startswith("transformers"):
             rank_zero_warn(f"model.rollout_dtype: rollouts decode through transformers' generate here "
                            f"({self.sampler.describe(self.device)}), which returns no sampling log-probs: they are "
                            "not corrected for the copy's rounding. Use a generation_backend of qmath's loop, or "
                            "rollout_dtype: null")
+
+    def unjudged_decoding(self) -> str | None:
+        """Why the decoding check cannot hold a decoder to account in this run (``None``: it can): π_old comes from
+        a pass with dropout on (LoRA's, a model's own), or the sampler draws from logits the trainer does not see."""
+        dropout = [m.p for m in self.policy.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        dropout += [p for a in ("attention_dropout", "hidden_dropout", "dropout")
+                    if isinstance(p := getattr(self.policy.config, a, 0), float) and p > 0]
+        if dropout:
+            return f"dropout ({max(dropout):g}) in the trainer's pass"
+        sampling = self.sampler._sampling
+        if sampling.min_new_tokens or sampling.bias:
+            return "generation_kwargs min_new_tokens or sequence_bias shape the sampled distribution"
+        return None
+
+    def precisions(self) -> list[torch.dtype]:
+        """The dtypes the decoders' and the trainer's log-probs are computed in: the policy's weights, the rollout
+        copy's, and a mixed precision's autocast."""
+        dtypes = [self.policy.dtype]
+        if self.forms.rollout_model is not None:
+            dtypes.append(self.forms.rollout_model.dtype)
+        autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(self.trainer.precision))
+        # TF32 matmuls (float32_matmul_precision "high"/"medium") keep fp16's 10 mantissa bits, not fp32's 23
+        tf32 = torch.get_float32_matmul_precision() != "highest"
+        return dtypes + ([autocast] if autocast else []) + ([torch.float16] if tf32 else [])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         save_state(self, checkpoint)
@@ -304,6 +342,10 @@ class GRPO(HeldOutEvaluation, LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_started = time.perf_counter()
+        memory.at(self.trainer.global_step, "rollout")
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        memory.at(self.trainer.global_step, "backward")
 
     def on_after_backward(self) -> None:
         # TRL's step_time: each micro-batch from its start to the end of its backward (rollout, forward, backward),
@@ -408,7 +450,8 @@ class GRPO(HeldOutEvaluation, LightningModule):
         if self.hparams.dynamic_sampling:
             rollout, raw, stats = resample(self, rollout, raw)
         advantages, scored = self.advantages(rollout, raw)
-        loss_mask = rollout.completion_mask
+        # before the token count: dapo's divisor counts only the tokens that are in the loss
+        loss_mask = rollout.completion_mask * self.finite_rows(rollout).unsqueeze(1)
         if self.hparams.mask_truncated_completions:  # a cut-off answer is neither right nor wrong: no signal
             loss_mask = loss_mask * rollout.terminated.unsqueeze(1)
         # dapo, cispo, vespo: every micro-batch divides by the token count of the whole step on all ranks
@@ -420,6 +463,29 @@ class GRPO(HeldOutEvaluation, LightningModule):
                           num_items=dapo_num_items(tokens, accumulate * world))
         self.rollout_stats = stats | scored | {"completions_per_step": torch.tensor(float(len(rollout) * world))}
         return [m.trim() for m in rollout.split(accumulate)]
+
+    def finite_rows(self, rollout: Rollout) -> Tensor:
+        """``[B]``: the completions whose sampling log-probs are finite; the others get no loss. A rollout copy that
+        overflowed (fp16) on any rank is dropped on every rank: rollouts read the policy from then on."""
+        bad = non_finite_rows(rollout)
+        if self.forms.rollout_model is not None and self.trainer.strategy.reduce_boolean_decision(
+                rollout.copied and bool(bad.any()), all=False):
+            rank_zero_warn(f"model.rollout_dtype {self.hparams.rollout_dtype}: the rollout copy's logits overflowed at "
+                           f"step {self.trainer.global_step} (non-finite log-probs); it is dropped, and rollouts "
+                           "read the policy from now on (sampling/rollout_copy_dropped). Set rollout_dtype: null to "
+                           "skip it.")
+            self.sampler.use_rollout_model(None)
+            self.forms.drop_rollout_copy()
+        elif bad.any():
+            log.warning("step %d: %d completions have non-finite sampling log-probs and get no loss",
+                        self.trainer.global_step, int(bad.sum()))
+        return ~bad
+
+    def decoding_flags(self) -> dict[str, Tensor]:
+        """Whether a compiled or captured decoder has been released (it failed to compile or capture, or the decoding
+        check found it wrong), and whether the rollout copy was dropped (it overflowed)."""
+        return {"sampling/decoder_fallback": torch.tensor(float(bool(self.sampler.failed))),
+                "sampling/rollout_copy_dropped": torch.tensor(float(self.forms.copy_dropped))}
 
     # -- loss ----------------------------------------------------------------------------------------------------
     def token_logps(self, model: Any, rollout: Rollout, entropy: bool = False,
@@ -435,10 +501,13 @@ class GRPO(HeldOutEvaluation, LightningModule):
 
     def loss(self, micro: Rollout) -> Tensor:
         hp = self.hparams
+        memory.at(self.trainer.global_step, "loss (forward)")
         logps, entropies = self.token_logps(self.policy, micro, entropy=True, entropy_grad=hp.entropy_coef != 0)
         # The first pass over a rollout runs before any optimizer step on it: its log-probs are π_old's.
         if micro.old_logps is None:
             micro.old_logps = logps.detach()
+            if self.decoding_check is not None:
+                self._log_stats(self.decoding_check(micro, micro.old_logps, self.trainer.global_step))
             micro.importance_weights = self.correction(micro)
         if micro.ref_logps is None and self.forms.needs_reference(hp.beta):
             with torch.no_grad():
@@ -483,7 +552,7 @@ class GRPO(HeldOutEvaluation, LightningModule):
         threshold = self.hparams.off_policy_mask_threshold
         if threshold is None:
             return None
-        sampling = micro.sampling_logps if self.forms.rollout_model is not None else None
+        sampling = micro.sampling_logps if micro.copied else None
         sampling = micro.old_logps if sampling is None else sampling
         return off_policy_sequence_mask(micro.advantages, logps, sampling, micro.loss_mask, threshold)
 
@@ -492,18 +561,14 @@ class GRPO(HeldOutEvaluation, LightningModule):
         came from the policy itself (``rollout_dtype: null``) or without sampling log-probs (transformers'
         ``generate`` decoded them), and then nothing is corrected."""
         hp = self.hparams
-        if self.forms.rollout_model is None or micro.sampling_logps is None:
+        if not micro.copied or micro.sampling_logps is None:
             return None
-        finite = torch.isfinite(micro.sampling_logps).all(dim=1, keepdim=True)
-        if not finite.all():  # a copy whose logits overflowed (fp16): those tokens would count as ratio 1
-            log.warning("step %d: %d completions have non-finite log-probs under the rollout copy (fp16 overflow?) "
-                        "and get no loss", self.trainer.global_step, int((~finite).sum()))
-            micro.loss_mask = micro.loss_mask * finite
         weights, stats = sampling_correction(micro.old_logps, micro.sampling_logps, micro.loss_mask,
                                              hp.rollout_importance_sampling_mode,
                                              hp.rollout_importance_sampling_clip_min,
                                              hp.rollout_importance_sampling_clip_max)
-        self._log_stats(stats)
+        # the log-prob difference is the decoding check's, logged for every rollout (copy or not)
+        self._log_stats({k: v for k, v in stats.items() if not k.startswith("sampling/sampling_logp_difference")})
         return weights if hp.rollout_importance_sampling_correction else None
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -518,12 +583,14 @@ class GRPO(HeldOutEvaluation, LightningModule):
         if not torch.isfinite(loss):
             self.guard.loss_not_finite = True
         if (batch_idx + 1) % accumulate == 0:
+            self._log_stats(self.decoding_flags())  # after this step's check
             self._flush_stats()
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the gradient norm before clipping (HF Trainer's ``grad_norm``), and skip the step when the loss or a
         gradient is not finite, so that no NaN reaches the weights or Adam."""
+        memory.at(self.trainer.global_step, "optimizer step")
         self.log("train/step_time", self._step_time)
         self._step_time = 0.0
         norms = gradient_norms(self)

@@ -36,13 +36,15 @@ RolloutDtype = Literal["float16", "bfloat16"]
 
 class Policy:
     """Loads the policy and owns its forms (see the module docstring); ``lora`` holds the LoRA options
-    (``lora_r`` 0: none), ``rollout_dtype`` the dtype of the rollout copy (``None``: rollouts read the policy)."""
+    (``lora_r`` 0: none), ``rollout_dtype`` the dtype of the rollout copy (``None``: rollouts read the policy);
+    ``temperature``, ``top_k`` and ``top_p`` are the rollouts' sampling, which :meth:`logps` scores under."""
 
     def __init__(self, model_name_or_path: str, trust_remote_code: bool = False, temperature: float = 1.0,
                  group: int = 1, gradient_checkpointing: bool = False, lora: dict[str, Any] | None = None,
-                 rollout_dtype: RolloutDtype | None = None) -> None:
+                 rollout_dtype: RolloutDtype | None = None, top_k: int | None = None, top_p: float = 1.0) -> None:
         self.name, self.trust_remote_code = model_name_or_path, trust_remote_code
         self.temperature, self.group, self.gradient_checkpointing = temperature, group, gradient_checkpointing
+        self.top_k, self.top_p = top_k, top_p
         self.lora = dict(lora or {"lora_r": 0})
         self.rollout_dtype = rollout_dtype
         self.model: Any = None
@@ -53,6 +55,7 @@ class Policy:
         self.linear_heads: dict[int, bool] = {}  # id(model) -> whether its log-probs can come from hidden states
         self.base: dict[str, Any] = {}  # what a checkpoint's weights only fit
         self.stale = True  # whether the rollout copy lags the weights
+        self.copy_dropped = False  # the copy overflowed and was dropped: rollouts read the policy for the run
         self.sharded = False
 
     @property
@@ -94,6 +97,12 @@ class Policy:
         self.stale = True
         return self.rollout_model
 
+    def drop_rollout_copy(self) -> None:
+        """Free the rollout copy for the rest of the run (its logits overflowed): rollouts read the policy."""
+        self.rollout_model, self.copy_dropped = None, True
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
     def copy_dtype(self, device: torch.device, warn: bool = False) -> str | None:
         """The dtype the rollout copy has on ``device``, or ``None`` where rollouts read the policy: no
         ``rollout_dtype``, FSDP's sharded weights, the policy's own dtype, or a dtype without native kernels there
@@ -101,7 +110,9 @@ class Policy:
         dtype, why = self.rollout_dtype and getattr(torch, self.rollout_dtype), None
         if dtype is None:
             return None
-        if self.sharded:
+        if self.copy_dropped:
+            why = "its logits overflowed earlier in this run, and it was dropped"
+        elif self.sharded:
             why = "FSDP shards the policy"
         elif dtype.itemsize >= self.model.dtype.itemsize:
             why = f"the policy's own {self.model.dtype} is no wider"
@@ -136,12 +147,15 @@ class Policy:
 
     def logps(self, model: Any, rollout: Rollout, entropy: bool = False,
               entropy_grad: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Log-probs of the completion tokens under ``model`` at the sampling temperature, ``[B, T]``, and with
-        ``entropy`` each token's entropy (:func:`qmath.logprobs.token_logps`)."""
+        """Log-probs of the completion tokens under ``model`` at the sampling temperature, over the tokens the
+        sampling's top-k and top-p keep of ``model``'s own distribution, ``[B, T]``, and with ``entropy`` each
+        token's entropy over the whole vocabulary (:func:`qmath.logprobs.token_logps`). The policy, π_old and the
+        KL reference alike: at the start, when the policy is the reference, the KL is exactly 0."""
         linear = self.linear_heads.get(id(model))
         if linear is None:  # a model other than the policy and the reference
             linear = head_is_linear(model)
-        return token_logps(model, rollout, self.temperature, self.group, linear, entropy, entropy_grad)
+        return token_logps(model, rollout, self.temperature, self.group, linear, entropy, entropy_grad,
+                           self.top_k, self.top_p)
 
     def checkpointed_keys(self, state_dict_keys: set[str], prefix: str = "policy.") -> set[str]:
         """The weights a checkpoint holds: all of the module's, or with LoRA the adapters only."""

@@ -44,6 +44,9 @@ class Rollout:
     ref_logps: Tensor | None = _padded(RIGHT, default=None)  # [B, T]
     sampling_logps: Tensor | None = _padded(RIGHT, default=None)  # [B, T]: under the distribution sampled from
     importance_weights: Tensor | None = None  # [B, T] or [B, 1]: π_old / π_sampling, corrected (rollout copy)
+    # what decoded it (a Sampler mode) and whether from the rollout copy: what the decoding check holds to account
+    decoded_by: str = field(default="eager", metadata={"shared": True})
+    copied: bool = field(default=False, metadata={"shared": True})
 
     def __len__(self) -> int:
         return len(self.texts)

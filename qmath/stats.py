@@ -15,7 +15,8 @@ TRAIN_STATS = ["loss", "reward", "accuracy", "reward_std", "reward_std/group_mea
                "clip_ratio/high_mean", "clip_ratio/region_mean", "dynamic_sampling/dropped_groups",
                "dynamic_sampling/drawn_prompts", "completions_per_step", "sampling/sampling_logp_difference/mean",
                "sampling/importance_sampling_ratio/mean", "entropy", "policy_loss", "cispo_clip_ratio",
-               "vespo/phi_seq_mean", "completions/mean_terminated_length"]
+               "vespo/phi_seq_mean", "completions/mean_terminated_length", "sampling/decoder_fallback",
+               "sampling/rollout_copy_dropped"]
 # the extremes over every micro-batch and rank, not a mean of each rank's extreme
 EXTREMES = {"completions/min_length": MinMetric, "completions/max_length": MaxMetric,
             "sampling/sampling_logp_difference/max": MaxMetric, "sampling/importance_sampling_ratio/min": MinMetric,

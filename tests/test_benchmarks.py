@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
+import torch
 
 from benchmarks import learning
 
@@ -69,6 +71,7 @@ def test_memory_benchmark_measures_a_t4x2_step(tmp_path, logits):
     from qmath.module import GRPO
 
     methods = (Sampler.generate, GRPO.token_logps, qmath.logprobs.groups_share_prompts)
+    environment = {k: os.environ.get(k) for k in memory.DDP_ENVIRONMENT}
     sharing = ["--prompt-sharing", "off"] if logits == "full" else []  # each switch, once
     result = memory.main(["--small", "--workdir", str(tmp_path), "--prompt-length", "80", "--logits", logits, *sharing,
                           "--", "--model.max_completion_length", "16"])
@@ -79,8 +82,15 @@ def test_memory_benchmark_measures_a_t4x2_step(tmp_path, logits):
     assert result["peak"] >= result["step_start"] > result["libraries"] > 0
     assert set(result["phases"]) == {"rollout (generate)", "policy forward", "reference forward", "backward",
                                      "optimizer step"}
+    # t4x2's strategy over one process: DDP's buckets hold the gradients, and the peak is held against a T4's budget
+    assert result["strategy"] == "DDPStrategy, gloo, 1 process(es), gradient_as_bucket_view"
+    assert result["gradients_in_buckets"] and result["ddp_buckets"] == result["gradients"]
+    assert result["budget"] == memory.T4_BUDGET_GIB == pytest.approx(14.56 - 0.4 - 0.4)
+    assert result["headroom"] == pytest.approx(result["budget"] - result["tensor_peak"])
     # the probes are gone: later runs are not measured, and share prompts again
     assert (Sampler.generate, GRPO.token_logps, qmath.logprobs.groups_share_prompts) == methods
+    # and so is the one-process DDP: no process group, no launcher variables for a later run or child to inherit
+    assert not torch.distributed.is_initialized() and environment == {k: os.environ.get(k) for k in environment}
 
 
 def test_vs_trl_times_qmath_and_the_floor_on_the_tiny_model(tiny_model, tmp_path):
@@ -223,3 +233,16 @@ def test_vs_trl_loss_equals_trls_own_loss_where_trl_is_installed():
         assert {"loss", "grad logps", "kl", "entropy"} <= set(diffs), case
         # fp64 on both sides; TRL's SAPO gate temperatures are fp32 constants and qmath's clip fractions fp32
         assert max(diffs.values()) < 1e-7, (case, diffs)
+
+
+def test_decoding_check_measures_every_precision_and_backend(tiny_model, tmp_path, capsys):
+    """benchmarks/decoding_check.py (the numbers the decoding check's bounds come from) on the tiny model: fp32 and a
+    bf16 copy, eager and graphs, each run's worst differences, none released; the fp32 ones at rounding level."""
+    from benchmarks import decoding_check
+    from qmath.decoding_check import BOUNDS
+
+    results = decoding_check.main(["--steps", "1", "--tiny", str(tiny_model), "--workdir", str(tmp_path)])
+    assert [r["run"] for r in results] == ["float32-eager", "float32-graphs", "bfloat16-eager", "bfloat16-graphs"]
+    assert all(r["steps"] == 1 and r["fallback"] == 0 for r in results)
+    fp32, bf16 = results[0], results[2]
+    assert fp32["mean_worst"] < BOUNDS[torch.float32].mean / 10 < bf16["mean_worst"]  # the copy rounds: it shows

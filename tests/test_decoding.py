@@ -103,7 +103,7 @@ def test_sampling_logps_are_the_log_probs_a_full_forward_gives(qwen_like):
         logits = module.policy(input_ids=full, attention_mask=full_mask,
                                position_ids=(full_mask.cumsum(1) - 1).clamp(min=0)).logits[:, ids.size(1) - 1:-1]
     scores = logits.reshape(-1, logits.size(-1))
-    for warper in module.sampler.decoders[False, False].warpers:
+    for warper in module.sampler.decoders[False, "eager"].warpers:
         scores = warper(None, scores)
     expected = scores.log_softmax(-1).gather(-1, out.ids.reshape(-1, 1)).view_as(out.ids) * out.mask
     torch.testing.assert_close(out.logps, expected, rtol=0, atol=1e-4)

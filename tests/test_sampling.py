@@ -186,5 +186,6 @@ def test_a_compile_that_fails_decodes_eagerly_with_one_warning(qwen_like, caplog
         hook.remove()
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 2 and "outside the planned shapes" in warnings[0]
-    assert "compiled decoding failed" in warnings[1] and compiled.compile_error and not compiled.graphs
+    assert "compiled decoding of the policy failed" in warnings[1] and compiled.compile_error and not compiled.graphs
+    assert compiled.decoders[False, "compiled"].held_bytes() == 0  # its KV buffers and graphs are freed
     assert "decoding eagerly" in compiled.graph_count()
