@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from qmath.decoding import FIXED
@@ -78,6 +79,59 @@ def non_finite_rows(rollout: Rollout) -> Tensor:
     return ~finite.all(dim=1)
 
 
+def finite_rows(module: Any, rollout: Rollout) -> Tensor:
+    """``[B]``: the completions whose sampling log-probs are finite; the others get no loss. A rollout copy that
+    overflowed (fp16) on any rank is dropped on every rank (``module``: a :class:`qmath.module.GRPO`): rollouts read
+    the policy from then on."""
+    bad = non_finite_rows(rollout)
+    forms, step = module.forms, module.trainer.global_step
+    if forms.rollout_model is not None and module.trainer.strategy.reduce_boolean_decision(
+            rollout.copied and bool(bad.any()), all=False):
+        rank_zero_warn(f"model.rollout_dtype {module.hparams.rollout_dtype}: the rollout copy's logits overflowed at "
+                       f"step {step} (non-finite log-probs); it is dropped, and rollouts read the policy from now on "
+                       "(sampling/rollout_copy_dropped). Set rollout_dtype: null to skip it.")
+        module.sampler.use_rollout_model(None)
+        forms.drop_rollout_copy()
+    elif bad.any():
+        log.warning("step %d: %d completions have non-finite sampling log-probs and get no loss", step,
+                    int(bad.sum()))
+    return ~bad
+
+
+def decoding_flags(module: Any) -> dict[str, Tensor]:
+    """Whether a compiled or captured decoder has been released (it failed to compile or capture, or the check found
+    it wrong), and whether the rollout copy was dropped (it overflowed): TensorBoard scalars, every step."""
+    return {"sampling/decoder_fallback": torch.tensor(float(bool(module.sampler.failed))),
+            "sampling/rollout_copy_dropped": torch.tensor(float(module.forms.copy_dropped))}
+
+
+def precisions(module: Any) -> list[torch.dtype]:
+    """The dtypes the decoders' and the trainer's log-probs are computed in: the policy's weights, the rollout copy's,
+    a mixed precision's autocast, and fp16 for TF32 matmuls (``float32_matmul_precision`` "high" or "medium" keep
+    fp16's 10 mantissa bits, not fp32's 23)."""
+    dtypes = [module.policy.dtype]
+    if module.forms.rollout_model is not None:
+        dtypes.append(module.forms.rollout_model.dtype)
+    autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(module.trainer.precision))
+    tf32 = torch.get_float32_matmul_precision() != "highest"
+    return dtypes + ([autocast] if autocast else []) + ([torch.float16] if tf32 else [])
+
+
+def unjudged(module: Any) -> str | None:
+    """Why the check cannot hold a decoder to account in this run (``None``: it can): π_old comes from a pass with
+    dropout on (LoRA's, a model's own), or the sampler draws from logits the trainer does not see."""
+    policy = module.policy
+    dropout = [m.p for m in policy.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    dropout += [p for a in ("attention_dropout", "hidden_dropout", "dropout")
+                if isinstance(p := getattr(policy.config, a, 0), float) and p > 0]
+    if dropout:
+        return f"dropout ({max(dropout):g}) in the trainer's pass"
+    sampling = module.sampler._sampling
+    if sampling.min_new_tokens or sampling.bias:
+        return "generation_kwargs min_new_tokens or sequence_bias shape the sampled distribution"
+    return None
+
+
 class DecodingCheck:
     """Compares each micro-batch's sampling log-probs with π_old (:meth:`__call__`) and releases a compiled or
     captured decoder of ``sampler`` (:class:`qmath.generation.Sampler`) that disagrees beyond ``bound``."""
@@ -88,6 +142,11 @@ class DecodingCheck:
         # the sampler draws from logits the trainer does not see (min_new_tokens, sequence_bias)
         self.unjudged = unjudged
         self.strikes: dict[tuple[bool, str], int] = {}  # consecutive micro-batches whose largest difference is over
+
+    @classmethod
+    def for_run(cls, module: Any) -> DecodingCheck:
+        """The check of ``module``'s (a :class:`qmath.module.GRPO`) run: its precisions' bound, what it cannot judge."""
+        return cls(module.sampler, bound_for(*precisions(module)), unjudged(module))
 
     def __call__(self, micro: Rollout, old_logps: Tensor, step: int) -> dict[str, Tensor]:
         """TRL's ``sampling/sampling_logp_difference/{mean,max}`` of the micro-batch's completion tokens; a fixed-shape

@@ -29,7 +29,8 @@ Where each part lives: the policy in its forms (training weights, KL reference, 
 loss by the pure functions of :mod:`qmath.grpo` on log-probs from :mod:`qmath.logprobs` (loss); dynamic sampling
 is :mod:`qmath.dynamic_sampling`'s, the logged statistics :mod:`qmath.stats`', the skipping of non-finite steps
 :mod:`qmath.steps`'; held-out answers are graded by :mod:`qmath.evaluation`; what a checkpoint holds beyond
-Lightning's is :mod:`qmath.checkpointing`'s.
+Lightning's is :mod:`qmath.checkpointing`'s. What the run checks about itself on the device lives beside what it
+checks: the decoding against π_old in :mod:`qmath.decoding_check`, the worst-case memory in :mod:`qmath.memory`.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from torch import Tensor
 
 from qmath import memory
 from qmath.checkpointing import load_state, restore_rng_states, save_state
-from qmath.decoding_check import DecodingCheck, bound_for, non_finite_rows
+from qmath.decoding_check import DecodingCheck, decoding_flags, finite_rows
 from qmath.dynamic_sampling import resample
 from qmath.errors import ConfigError
 from qmath.evaluation import Answer, HeldOutEvaluation
@@ -298,7 +299,7 @@ class GRPO(HeldOutEvaluation, LightningModule):
         # all ranks or none: each logs (and syncs) the copy's statistics
         make = self.trainer.strategy.reduce_boolean_decision(self.forms.copy_dtype(self.device) is not None, all=True)
         self.sampler.use_rollout_model(self.forms.load_rollout_copy(self.device, make))
-        self.decoding_check = DecodingCheck(self.sampler, bound_for(*self.precisions()), self.unjudged_decoding())
+        self.decoding_check = DecodingCheck.for_run(self)
         # before step 1 and before a resume loads the optimizer's states: a run that cannot fit ends here
         line = memory.check(self)
         if line and self.trainer.is_global_zero:
@@ -308,30 +309,6 @@ class GRPO(HeldOutEvaluation, LightningModule):
                            f"({self.sampler.describe(self.device)}), which returns no sampling log-probs: they are "
                            "not corrected for the copy's rounding. Use a generation_backend of qmath's loop, or "
                            "rollout_dtype: null")
-
-    def unjudged_decoding(self) -> str | None:
-        """Why the decoding check cannot hold a decoder to account in this run (``None``: it can): π_old comes from
-        a pass with dropout on (LoRA's, a model's own), or the sampler draws from logits the trainer does not see."""
-        dropout = [m.p for m in self.policy.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
-        dropout += [p for a in ("attention_dropout", "hidden_dropout", "dropout")
-                    if isinstance(p := getattr(self.policy.config, a, 0), float) and p > 0]
-        if dropout:
-            return f"dropout ({max(dropout):g}) in the trainer's pass"
-        sampling = self.sampler._sampling
-        if sampling.min_new_tokens or sampling.bias:
-            return "generation_kwargs min_new_tokens or sequence_bias shape the sampled distribution"
-        return None
-
-    def precisions(self) -> list[torch.dtype]:
-        """The dtypes the decoders' and the trainer's log-probs are computed in: the policy's weights, the rollout
-        copy's, and a mixed precision's autocast."""
-        dtypes = [self.policy.dtype]
-        if self.forms.rollout_model is not None:
-            dtypes.append(self.forms.rollout_model.dtype)
-        autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(self.trainer.precision))
-        # TF32 matmuls (float32_matmul_precision "high"/"medium") keep fp16's 10 mantissa bits, not fp32's 23
-        tf32 = torch.get_float32_matmul_precision() != "highest"
-        return dtypes + ([autocast] if autocast else []) + ([torch.float16] if tf32 else [])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         save_state(self, checkpoint)
@@ -451,7 +428,7 @@ class GRPO(HeldOutEvaluation, LightningModule):
             rollout, raw, stats = resample(self, rollout, raw)
         advantages, scored = self.advantages(rollout, raw)
         # before the token count: dapo's divisor counts only the tokens that are in the loss
-        loss_mask = rollout.completion_mask * self.finite_rows(rollout).unsqueeze(1)
+        loss_mask = rollout.completion_mask * finite_rows(self, rollout).unsqueeze(1)
         if self.hparams.mask_truncated_completions:  # a cut-off answer is neither right nor wrong: no signal
             loss_mask = loss_mask * rollout.terminated.unsqueeze(1)
         # dapo, cispo, vespo: every micro-batch divides by the token count of the whole step on all ranks
@@ -463,29 +440,6 @@ class GRPO(HeldOutEvaluation, LightningModule):
                           num_items=dapo_num_items(tokens, accumulate * world))
         self.rollout_stats = stats | scored | {"completions_per_step": torch.tensor(float(len(rollout) * world))}
         return [m.trim() for m in rollout.split(accumulate)]
-
-    def finite_rows(self, rollout: Rollout) -> Tensor:
-        """``[B]``: the completions whose sampling log-probs are finite; the others get no loss. A rollout copy that
-        overflowed (fp16) on any rank is dropped on every rank: rollouts read the policy from then on."""
-        bad = non_finite_rows(rollout)
-        if self.forms.rollout_model is not None and self.trainer.strategy.reduce_boolean_decision(
-                rollout.copied and bool(bad.any()), all=False):
-            rank_zero_warn(f"model.rollout_dtype {self.hparams.rollout_dtype}: the rollout copy's logits overflowed at "
-                           f"step {self.trainer.global_step} (non-finite log-probs); it is dropped, and rollouts "
-                           "read the policy from now on (sampling/rollout_copy_dropped). Set rollout_dtype: null to "
-                           "skip it.")
-            self.sampler.use_rollout_model(None)
-            self.forms.drop_rollout_copy()
-        elif bad.any():
-            log.warning("step %d: %d completions have non-finite sampling log-probs and get no loss",
-                        self.trainer.global_step, int(bad.sum()))
-        return ~bad
-
-    def decoding_flags(self) -> dict[str, Tensor]:
-        """Whether a compiled or captured decoder has been released (it failed to compile or capture, or the decoding
-        check found it wrong), and whether the rollout copy was dropped (it overflowed)."""
-        return {"sampling/decoder_fallback": torch.tensor(float(bool(self.sampler.failed))),
-                "sampling/rollout_copy_dropped": torch.tensor(float(self.forms.copy_dropped))}
 
     # -- loss ----------------------------------------------------------------------------------------------------
     def token_logps(self, model: Any, rollout: Rollout, entropy: bool = False,
@@ -583,7 +537,7 @@ class GRPO(HeldOutEvaluation, LightningModule):
         if not torch.isfinite(loss):
             self.guard.loss_not_finite = True
         if (batch_idx + 1) % accumulate == 0:
-            self._log_stats(self.decoding_flags())  # after this step's check
+            self._log_stats(decoding_flags(self))  # after this step's check
             self._flush_stats()
         return loss
 

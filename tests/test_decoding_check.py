@@ -46,8 +46,9 @@ def test_auto_captures_the_eager_step_below_ampere_and_compiles_from_it(qwen_mod
 def test_the_graphs_step_answers_and_scores_as_the_eager_loop_over_a_runs_calls(qwen_module):
     """The fixed-shape step (whole cache under a 4-d mask, padded rows), uncaptured on CPU, over the calls of a whole
     run (rollouts, held-out batches, the last partial batch, maj@k, refills, three prompt widths, grad and inference
-    modes): the same tokens as the eager loop, and log-probs equal up to fp32 rounding (attending over more slots sums
-    in another order; 1e-5 relative is ~100 ulp of fp32, about 3x the largest difference seen)."""
+    modes): the same tokens as the eager loop, and log-probs equal up to fp32 rounding (attending over more slots, per
+    KV head, sums in another order: up to 1.1e-5 seen with transformers 5 and 1.9e-5 with 4.57; 1e-4 as
+    test_decoding's comparison with a full forward)."""
     eager, tokenizer = qwen_module.sampler, qwen_module.tokenizer
     graphs = graphs_sampler(qwen_module)
     compared = 0
@@ -61,7 +62,7 @@ def test_the_graphs_step_answers_and_scores_as_the_eager_loop_over_a_runs_calls(
         if greedy or ids.size(0) in graphs.shapes.rows:  # padded rows draw more noise: other draws after the first
             assert torch.equal(got.ids, want.ids), i
             if not greedy:
-                torch.testing.assert_close(got.logps, want.logps, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(got.logps, want.logps, rtol=1e-4, atol=1e-4)
             compared += 1
     assert compared == 12 and graphs.compile_error is None
     assert graphs.graphs == {(rows, 204) for rows in (8, 16, 32)}
