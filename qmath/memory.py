@@ -70,6 +70,8 @@ class MemoryPlan:
                           for name in self.phases[phase] if self.parts.get(name))
         if "activations" not in self.parts:
             parts += ", activations not measured"
+        elif "activations" not in self.phases[phase]:  # the measured part, whichever phase peaks
+            parts += f" (the loss's activations: {self.parts['activations'] / GiB:.2f} measured)"
         against = f" of a {budget / GiB:.2f} GiB budget ({peak / budget:.0%})" if budget else ""
         return f"worst case {peak / GiB:.2f} GiB per device, at the {phase}{against}: {parts} GiB"
 
@@ -270,9 +272,9 @@ def check(module: Any) -> str | None:
     worst = int((everyone[:, 0] / everyone[:, 1]).argmax())
     worst_peak, worst_budget = (int(x) for x in everyone[worst].tolist())
     if worst_peak > worst_budget:
-        where = f"rank {worst} " if everyone.size(0) > 1 else ""
-        raise OutOfMemory(f"this run needs about {worst_peak / GiB:.2f} GiB per device at its {phase}, and the "
-                          f"device of {where}has {worst_budget / GiB:.2f} GiB "
+        device = f"rank {worst}'s device" if everyone.size(0) > 1 else "the device"
+        raise OutOfMemory(f"this run needs about {worst_peak / GiB:.2f} GiB per device at its {phase}, and "
+                          f"{device} has {worst_budget / GiB:.2f} GiB "
                           f"({memory.describe(available).split(': ', 1)[1]}). Lower it with {LOWER_IT}.")
     line = memory.describe(available)
     if peak > TIGHT * available:
