@@ -2,6 +2,8 @@
 PYTHON ?= python
 # The CPU build of torch where one is on disk; override for another build, e.g. TORCH=torch.
 TORCH ?= torch==2.13.0
+# Test processes (pytest-xdist), the cores split among them; JOBS=0 runs the suite in this process.
+JOBS ?= 2
 
 .PHONY: install demo test lint
 
@@ -14,7 +16,7 @@ demo: install
 
 test: install
 	$(PYTHON) -m ruff check qmath tests benchmarks
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n $(JOBS) --dist loadgroup --durations=20
 
 lint:
 	$(PYTHON) -m ruff check qmath tests benchmarks

@@ -38,8 +38,13 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPTS_PER_STEP, G, BETA, LR, TEMPERATURE = 2, 4, 0.04, 1e-5, 0.5
 # qmath: the embedded default's generation backend (auto: qmath's decode loop, eager on CPU); qmath-transformers:
 # transformers' generate, qmath's backend before its own loop; qmath-compiled: the loop's compiled step
-ROLES = ["qmath", "qmath-bf16", "qmath-transformers", "qmath-compiled", "trl", "floor"]
-QMATH_ROLES = ("qmath", "qmath-bf16", "qmath-transformers", "qmath-compiled")
+# qmath-default: configs/cpu.yaml's own precision and rollout dtype; qmath-bf16-mixed: the training half under bf16
+# autocast (Lightning's bf16-mixed: fp32 master weights, log-probs and loss); trl-default: TRL's own CPU default
+# (bf16 autocast)
+ROLES = ["qmath", "qmath-default", "qmath-bf16", "qmath-bf16-mixed", "qmath-transformers", "qmath-compiled", "trl",
+         "trl-default", "floor"]
+QMATH_ROLES = ("qmath", "qmath-default", "qmath-bf16", "qmath-bf16-mixed", "qmath-transformers", "qmath-compiled")
+TRL_ROLES = ("trl", "trl-default")
 
 
 def write_prompts(path: Path, model: str, rows: int = 64) -> list[dict[str, str]]:
@@ -68,30 +73,45 @@ class StepTimer(Callback):
         StepTimer.times.append(time.perf_counter() - self.start)
 
 
-def run_qmath(args: argparse.Namespace, prompts: list[dict[str, str]], backend: str = "auto",
-              rollout_dtype: str | None = None) -> dict[str, Any]:
-    """``python -m qmath fit`` on the embedded default's config, with only the benchmark's settings changed
-    (``rollout_dtype``: rollouts from a copy of the policy in that dtype)."""
+def qmath_config(args: argparse.Namespace, prompts: list[dict[str, str]], backend: str = "auto",
+                 rollout_dtype: str | None = None, shipped: bool = False, precision: str = "32-true") -> Path:
+    """The `fit` config of the qmath roles, written into ``args.workdir``: the embedded default's (``cpu.yaml``)
+    with the benchmark's settings; ``rollout_dtype``: rollouts from a copy of the policy in that dtype;
+    ``precision``: Lightning's. ``shipped``: keep cpu.yaml's own precision and rollout dtype (qmath at its default)."""
     import yaml
-
-    from qmath.__main__ import main
 
     work = Path(args.workdir)
     (work / "problems.jsonl").write_text("".join(json.dumps({"question": p["question"], "answer": p["answer"]})
                                                  + "\n" for p in prompts))
+    model = {"model_name_or_path": args.model, "num_generations": G, "max_completion_length": args.length,
+             "generation_kwargs": {"min_new_tokens": args.length}, "temperature": TEMPERATURE, "beta": BETA,
+             "loss_type": "grpo", "scale_rewards": "group", "num_iterations": 1, "gradient_checkpointing": False,
+             "generation_backend": backend, "optimizer": {"class_path": "torch.optim.AdamW",
+                                                          "init_args": {"lr": LR}}}
+    if not shipped:
+        model["rollout_dtype"] = rollout_dtype
     config = {
         "trainer": {"max_steps": args.steps, "logger": False, "enable_checkpointing": False,
                     "default_root_dir": str(work),  # where LightningCLI saves its config.yaml
                     "callbacks": [{"class_path": "benchmarks.vs_trl.StepTimer"}], "limit_val_batches": 0,
                     "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False},
-        "model": {"model_name_or_path": args.model, "num_generations": G, "max_completion_length": args.length,
-                  "generation_kwargs": {"min_new_tokens": args.length}, "temperature": TEMPERATURE, "beta": BETA,
-                  "loss_type": "grpo", "scale_rewards": "group", "num_iterations": 1,
-                  "gradient_checkpointing": False, "generation_backend": backend, "rollout_dtype": rollout_dtype,
-                  "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": LR}}},
+        "model": model,
         "data": {"path": str(work / "problems.jsonl"), "batch_size": PROMPTS_PER_STEP, "max_prompt_length": 4096},
     }
-    (work / "qmath.yaml").write_text(yaml.safe_dump(config))
+    if not shipped:
+        config["trainer"]["precision"] = precision
+    path = work / "qmath.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_qmath(args: argparse.Namespace, prompts: list[dict[str, str]], backend: str = "auto",
+              rollout_dtype: str | None = None, shipped: bool = False, precision: str = "32-true") -> dict[str, Any]:
+    """``python -m qmath fit`` on the embedded default's config, with only the benchmark's settings changed
+    (:func:`qmath_config`)."""
+    from qmath.__main__ import main
+
+    config = qmath_config(args, prompts, backend, rollout_dtype, shipped, precision)
     from qmath.generation import Sampler
 
     generate, generate_times = Sampler.generate, []
@@ -104,14 +124,15 @@ def run_qmath(args: argparse.Namespace, prompts: list[dict[str, str]], backend: 
 
     Sampler.generate = timed
     try:
-        main(["fit", "--config", "cpu", "--config", str(work / "qmath.yaml")])
+        main(["fit", "--config", "cpu", "--config", str(config)])
     finally:
         Sampler.generate = generate
     # the config names benchmarks.vs_trl.StepTimer, which is not this script's __main__.StepTimer
     return {"steps": importlib.import_module("benchmarks.vs_trl").StepTimer.times, "generate": generate_times}
 
 
-def run_trl(args: argparse.Namespace, prompts: list[dict[str, str]]) -> list[float]:
+def run_trl(args: argparse.Namespace, prompts: list[dict[str, str]], shipped: bool = False) -> list[float]:
+    """TRL's GRPOTrainer on the same work; fp32, or with ``shipped`` its own default precision (bf16 autocast)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -133,7 +154,8 @@ def run_trl(args: argparse.Namespace, prompts: list[dict[str, str]]) -> list[flo
         num_generations=G, steps_per_generation=1, gradient_accumulation_steps=1,
         max_completion_length=args.length, generation_kwargs={"min_new_tokens": args.length},
         temperature=TEMPERATURE, beta=BETA, loss_type="grpo", scale_rewards="group", num_iterations=1,
-        gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, learning_rate=LR,
+        gradient_checkpointing=False, **({} if shipped else {"bf16": False, "fp16": False}), use_cpu=True,
+        learning_rate=LR,
         lr_scheduler_type="constant", warmup_steps=0, max_steps=args.steps, logging_steps=1, report_to="none",
         save_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0,
     )
@@ -252,6 +274,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = {"qmath": run_qmath, "qmath-transformers": lambda a, p: run_qmath(a, p, "transformers"),
                   "qmath-compiled": lambda a, p: run_qmath(a, p, "compiled"), "trl": run_trl,
                   "qmath-bf16": lambda a, p: run_qmath(a, p, rollout_dtype="bfloat16"),
+                  "qmath-default": lambda a, p: run_qmath(a, p, shipped=True),
+                  "qmath-bf16-mixed": lambda a, p: run_qmath(a, p, precision="bf16-mixed"),
+                  "trl-default": lambda a, p: run_trl(a, p, shipped=True),
                   "floor": run_floor}[args.role](args, prompts)
         Path(args.out).write_text(json.dumps(result))
         return {}
@@ -267,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parts = {k: median_after_warmup(v) for k, v in result["parts"].items()}
             report["floor"] = {"parts": parts, "total": sum(parts.values()), "peak_rss_gib": rss}
             report["hardware_floor"] = {"parts": result["hardware"], "total": sum(result["hardware"].values())}
-        elif role == "trl":
+        elif role in TRL_ROLES:
             report[role] = {"step_s": median_after_warmup(result), "all_steps_s": result, "peak_rss_gib": rss}
         else:
             report[role] = {"step_s": median_after_warmup(result["steps"]), "all_steps_s": result["steps"],
@@ -277,10 +302,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    print(f"\nGRPO step, {PROMPTS_PER_STEP} prompts x G={G}, {report['length']} tokens each, fp32, "
+    print(f"\nGRPO step, {PROMPTS_PER_STEP} prompts x G={G}, {report['length']} tokens each, fp32 (-default: each "
+          "trainer's shipped default; qmath-bf16-mixed: bf16 autocast), "
           f"{report['threads']} threads, median of steps 2..{report['steps']}:")
     print(f"{'':<28}{'step (s)':>10}{'generate (s)':>14}{'peak RSS (GiB)':>16}")
-    for role in (*QMATH_ROLES, "trl"):
+    for role in (*QMATH_ROLES, *TRL_ROLES):
         if role in report:
             r = report[role]
             generate = f"{r['generate_s']:>14.2f}" if "generate_s" in r else f"{'':>14}"
@@ -314,6 +340,9 @@ def print_report(report: dict[str, Any]) -> None:
             report[f"{role}_over_trl"] = report[role]["step_s"] / report["trl"]["step_s"]
             if role != "qmath":
                 print(f"{role} / TRL step time: {report[f'{role}_over_trl']:.2f}")
+    if "qmath-default" in report and "trl-default" in report:  # each at the precision it ships with
+        report["defaults_ratio"] = report["qmath-default"]["step_s"] / report["trl-default"]["step_s"]
+        print(f"qmath / TRL step time, each at its shipped default: {report['defaults_ratio']:.2f}")
 
 
 if __name__ == "__main__":

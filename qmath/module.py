@@ -72,7 +72,7 @@ from qmath.grpo import (
 from qmath.lora import ALL_LINEAR
 from qmath.models import EMBEDDED_MODEL, download
 from qmath.optim import decay_groups, optimizers
-from qmath.policy import Policy, RolloutDtype
+from qmath.policy import Policy, RolloutDtype, emulated_precision
 from qmath.rewards import Reward, default_rewards, score
 from qmath.rollout import Rollout
 from qmath.stats import eval_metrics, rollout_stats, train_metrics
@@ -304,6 +304,9 @@ class GRPO(HeldOutEvaluation, LightningModule):
         line = memory.check(self)
         if line and self.trainer.is_global_zero:
             print(f"  memory       {line}", flush=True)
+        slow = emulated_precision(str(self.trainer.precision), self.device)
+        if slow:
+            rank_zero_warn(slow)
         if self.sampler.rollout_model is not None and self.sampler.mode(self.device).startswith("transformers"):
             rank_zero_warn(f"model.rollout_dtype: rollouts decode through transformers' generate here "
                            f"({self.sampler.describe(self.device)}), which returns no sampling log-probs: they are "
@@ -320,6 +323,16 @@ class GRPO(HeldOutEvaluation, LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_started = time.perf_counter()
         memory.at(self.trainer.global_step, "rollout")
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # The logger's step counts optimizer steps, as global_step does. Lightning 2.6 restarts it one ahead from
+        # the last.ckpt ModelCheckpoint writes at the end of fit when the last step also validated, which would
+        # shift every curve of the resumed run by a step; so it is set from global_step before each training batch
+        # (here: before any callback's on_train_batch_start logs, LearningRateMonitor's included).
+        loop = self.trainer.fit_loop.epoch_loop
+        if self.trainer.training and hasattr(loop, "_batches_that_stepped"):
+            loop._batches_that_stepped = self.trainer.global_step
+        return batch
 
     def on_before_backward(self, loss: Tensor) -> None:
         memory.at(self.trainer.global_step, "backward")

@@ -201,3 +201,17 @@ def _emulated(dtype: torch.dtype, device: torch.device) -> bool:
     if dtype == torch.bfloat16:
         return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     return not torch.cpu._is_amx_fp16_supported()
+
+
+def emulated_precision(precision: str, device: torch.device) -> str | None:
+    """What to tell a user whose ``trainer.precision`` runs its matrix products in a 16-bit type that ``device``
+    only emulates: bf16 on a CPU without AVX-512 BF16 or AMX converts every operand and is many times slower than
+    fp32 (docs/performance.md, "A CPU step, part by part"), and so is bf16 on a GPU before Ampere (a T4); ``None``
+    otherwise."""
+    half = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
+    if half is None or device.type not in ("cpu", "cuda") or not _emulated(half, device):
+        return None
+    name, where = ("bf16" if half == torch.bfloat16 else "fp16"), ("CPU" if device.type == "cpu" else "GPU")
+    return (f"trainer.precision {precision}: this {where} has no native {name} matrix products, so they are "
+            "emulated and the step is many times slower than at 32-true (docs/performance.md, \"A CPU step, part "
+            "by part\"); use --trainer.precision 32-true" + (" or 16-mixed" if where == "GPU" else "") + " here")

@@ -16,6 +16,11 @@ CHAT_TEMPLATE = (
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # `make test` runs pytest-xdist's workers: the cores split among them
+    # (each with every core would oversubscribe them, and OpenMP threads that wait spin); set before torch is
+    # imported, and inherited by the processes the tests start (DDP ranks, the CLI, benchmarks' children)
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
 def make_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
@@ -81,6 +86,18 @@ def make_qwen_like(directory: Path, repetition_penalty: float = 1.5) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns xdist_group marks into its groups
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's ``--dist loadgroup``, the tests that share a module-scoped fixture (a DDP run, a fitted
+    model) go to one worker, so that the fixture is made once, not once per worker."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        shared = sorted(name for name, defs in (info.name2fixturedefs.items() if info else ())
+                        if defs and defs[-1].scope == "module")
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{shared[0]}"))
 
 
 @pytest.fixture(scope="session")

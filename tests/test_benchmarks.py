@@ -119,6 +119,23 @@ def test_vs_trl_times_qmath_and_the_floor_on_the_tiny_model(tiny_model, tmp_path
         assert len(report["trl"]["all_steps_s"]) == 3 and report["qmath_over_trl"] > 0
 
 
+def test_profile_step_accounts_for_every_part_of_a_step_on_the_tiny_model(tiny_model, tmp_path):
+    from benchmarks import profile_step
+
+    report = profile_step.main(["--model", str(tiny_model), "--steps", "4", "--length", "8", "--threads", "1",
+                                "--workdir", str(tmp_path), "--json", str(tmp_path / "profile.json")])
+    parts = report["parts"]
+    assert report["steps"] == 2 and report["precision"] == "32-true"
+    assert parts["rollout: generation"] > 0 and parts["backward"] > 0 and parts["AdamW step"] > 0
+    assert parts["policy forward (log-probs, entropy)"] > 0 and parts["reference forward"] > 0  # beta 0.04
+    # exclusive times: the parts, the rest included, add up to the step (medians of each, so within a part's noise)
+    assert sum(parts.values()) == pytest.approx(report["step_s"], rel=0.25)
+    ops = report["ops"]
+    assert ops and {"aten::mm", "aten::addmm"} & {row["op"] for row in ops}  # the training half's operators
+    assert 0 < sum(row["share"] for row in ops) <= 1 + 1e-9
+    assert json.loads((tmp_path / "profile.json").read_text())["parts"].keys() == parts.keys()
+
+
 def test_gpu_check_runs_its_tiny_mode_on_cpu(tiny_model, tmp_path, monkeypatch):
     from benchmarks import gpu_check
 

@@ -47,6 +47,28 @@ def test_config_parses_and_instantiates(config, in_tmp):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_a_shipped_schedule_runs_through_every_step_of_its_config(config, in_tmp):
+    """A schedule stepped past its end ends the run (OneCycleLR raises), one that ends early trains on at its floor:
+    each config's schedule, built as the CLI builds it, takes exactly trainer.max_steps steps."""
+    cli = QMathCLI(GRPO, GSM8K, args=["--config", str(config), *ON_CPU], run=False)
+    if cli.model.lr_scheduler is None:
+        pytest.skip("a constant learning rate")
+    optimizer = cli.model.optimizer([torch.nn.Parameter(torch.zeros(1))])
+    scheduler = cli.model.lr_scheduler(optimizer)
+    peak = optimizer.param_groups[0]["lr"]
+    for _ in range(cli.trainer.max_steps - 1):  # the first step's rate is set when it is built
+        optimizer.step()
+        scheduler.step()
+        peak = max(peak, optimizer.param_groups[0]["lr"])
+    assert optimizer.param_groups[0]["lr"] < 1e-3 * peak  # the last step's rate: the end of the decay
+    optimizer.step()  # the last step
+    scheduler.step()  # Lightning steps the schedule after it too
+    optimizer.step()
+    with pytest.raises(ValueError, match="Tried to step"):  # a step past max_steps would end the run
+        scheduler.step()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_every_yaml_key_is_commented(config):
     for number, line in enumerate(config.read_text().splitlines(), 1):
         stripped = line.strip()

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-import yaml
 
 from qmath.__main__ import main
 from qmath.models import embedded_gguf, resolve
@@ -27,42 +26,56 @@ def test_gguf_converts_once_into_a_trainable_cache():
     assert resolve(str(embedded_gguf())) == directory  # the same cache entry, not a second conversion
 
 
-def test_embedded_default_runs_one_step_through_the_cli(in_tmp):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = ["--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--data.num_train", "20",
-            "--data.num_val", "2", "--model.max_completion_length", "48", "--trainer.enable_progress_bar", "false"]
-    run = subprocess.run([sys.executable, "-m", "qmath", "fit", *args], cwd=in_tmp, env=env, capture_output=True,
-                         text=True, timeout=900)
+ARGS = ["--trainer.val_check_interval", "1", "--data.num_train", "20", "--data.num_val", "2",
+        "--model.max_completion_length", "32", "--trainer.enable_progress_bar", "false"]
+
+
+@pytest.fixture(scope="module")
+def one_step(tmp_path_factory):
+    """`python -m qmath fit` with no config, as a new user runs it (the embedded default), for one step and a
+    validation, in a process of its own with this process's thread count (the resume below continues it here)."""
+    work = tmp_path_factory.mktemp("embedded")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    run = subprocess.run([sys.executable, "-m", "qmath", "fit", "--trainer.max_steps", "1", *ARGS], cwd=work,
+                         env=env, capture_output=True, text=True, timeout=900)
+    return work, run
+
+
+def test_embedded_default_runs_one_step_through_the_cli(one_step):
+    work, run = one_step
     assert run.returncode == 0, run.stderr[-3000:]
     assert "1 prompt(s) x 8 generations x 1 micro-batch(es) x 1 device(s) = 1 prompts, 8 completions" in run.stdout
     assert "  parameters   134.5M (134.5M trainable)" in run.stdout
     assert "  data         synthetic (1-, 2-, 3-step problems weighted 1/0/0): 20 training prompts" in run.stdout
-    logged = scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")
+    logged = scalars(work / "lightning_logs" / "cpu" / "version_0")
     assert [s for s, _ in logged["train/rewards/strict_format/mean"]] == [0]
-    assert 0 < logged["train/completions/mean_length"][0][1] <= 48
+    assert 0 < logged["train/completions/mean_length"][0][1] <= 32
     assert "val/format_rate" in logged
-    assert (in_tmp / "lightning_logs" / "cpu" / "checkpoints" / "last.ckpt").is_file()
+    assert (work / "lightning_logs" / "cpu" / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_embedded_default_resumes_exactly(in_tmp):
-    """3 steps in one go, and 2 steps + `--ckpt_path last` + 1: the same weights and the same logged rewards."""
-    config = yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())
-    callbacks = config["trainer"]["callbacks"]
-    callbacks[0]["init_args"]["every_n_train_steps"] = 1
-    (in_tmp / "every-step.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
-    args = ["fit", "--config", "cpu", "--config", "every-step.yaml", "--trainer.val_check_interval", "3",
-            "--data.num_train", "20", "--data.num_val", "2", "--model.max_completion_length", "32",
-            "--trainer.enable_progress_bar", "false"]
-    straight = main([*args, "--trainer.max_steps", "3", "--trainer.logger.init_args.name", "once"])
-    main([*args, "--trainer.max_steps", "2"])
-    resumed = main([*args, "--trainer.max_steps", "3", "--ckpt_path", "last"])
+def test_embedded_default_resumes_exactly(one_step, monkeypatch):
+    """The CLI's step 1, then `--ckpt_path last` for step 2, against 2 steps in one go: the same weights, and the
+    same values logged at the same steps. The checkpoint is the one ModelCheckpoint writes at the end of fit after
+    the last step's validation (a mid-run save's resume is tested on the tiny model in tests/test_resume.py)."""
+    work, run = one_step
+    assert run.returncode == 0, run.stderr[-3000:]
+    monkeypatch.chdir(work)
+    args = ["fit", *ARGS, "--trainer.max_steps", "2"]
+    resumed = main([*args, "--ckpt_path", "last"])
+    straight = main([*args, "--trainer.logger.init_args.name", "once"])
     for a, b in zip(straight.model.policy.parameters(), resumed.model.policy.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    once = dict(scalars(in_tmp / "lightning_logs" / "once" / "version_0")["train/reward"])
-    split = {**dict(scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")["train/reward"]),
-             **dict(scalars(in_tmp / "lightning_logs" / "cpu" / "version_1")["train/reward"])}
-    assert sorted(once) == sorted(split) == [0, 1, 2]
+    once = dict(scalars(work / "lightning_logs" / "once" / "version_0")["train/reward"])
+    split = {**dict(scalars(work / "lightning_logs" / "cpu" / "version_0")["train/reward"]),
+             **dict(scalars(work / "lightning_logs" / "cpu" / "version_1")["train/reward"])}
+    assert sorted(once) == sorted(split) == [0, 1]
     assert split == pytest.approx(once, rel=1e-5)
+    steps = []
+    for run, version in (("cpu", "version_0"), ("cpu", "version_1"), ("once", "version_0")):
+        logged = scalars(work / "lightning_logs" / run / version)
+        steps.append([s for s, _ in logged[min(k for k in logged if k.startswith("lr-AdamW"))]])
+    assert steps == [[0], [1], [0, 1]]  # a callback's logging too, at the step it belongs to
 
 
 def test_every_decoding_backend_answers_as_transformers_generate_on_the_embedded_model():

@@ -1,13 +1,17 @@
-"""A user's mistake, through `python -m qmath` as a user runs it: `qmath: error: …` on stderr, exit status 2, no
-traceback. The subprocesses of one module run side by side (each spends most of its time importing)."""
+"""A user's mistake, through `python -m qmath`'s entry point: `qmath: error: …` on stderr, exit status 2, no
+traceback. Two cases and `export` run as a user runs them, in processes of their own; the others call the same
+entry point in this process."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -79,16 +83,44 @@ def launch(directory: Path, args: list[str], env: dict | None = None) -> subproc
                                 env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
+# as a user runs them, each in a process of its own: a mistake found reading the data, and one found inside
+# Trainer.fit (its teardown included); the others call the same entry point in this process
+SUBPROCESS = ("row without an answer", "damaged checkpoint")
+
+
+def in_process(directory: Path, args: list[str]) -> tuple[int | None, str]:
+    """``python -m qmath ARGS`` in ``directory`` without a new process (each would spend seconds importing): the
+    exit status and what was written to stderr; an exception instead of the exit is returned as its traceback
+    (status ``None``), so that only its own case fails."""
+    from qmath.__main__ import cli
+
+    err, cwd = io.StringIO(), os.getcwd()
+    os.chdir(directory)
+    try:
+        with contextlib.redirect_stderr(err):
+            cli(args)
+        return 0, err.getvalue()
+    except SystemExit as exit_:
+        return exit_.code, err.getvalue()
+    except Exception:
+        return None, err.getvalue() + traceback.format_exc()
+    finally:
+        os.chdir(cwd)
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model) -> dict[str, tuple[int, str]]:
-    started = {}
+def runs(tmp_path_factory, tiny_model) -> dict[str, tuple[int | None, str]]:
+    done, started = {}, {}
     for name, (arguments, _) in CASES.items():
         directory = tmp_path_factory.mktemp(name.replace(" ", "-"))
-        config = tiny_config(directory, tiny_model)
-        started[name] = (directory, launch(directory, ["fit", "--config", "cpu", "--config", str(config),
-                                                       *arguments(directory)]))
-    return {name: (proc.wait(timeout=300), (directory / "stderr").read_text())
-            for name, (directory, proc) in started.items()}
+        args = ["fit", "--config", "cpu", "--config", str(tiny_config(directory, tiny_model)), *arguments(directory)]
+        if name in SUBPROCESS:  # side by side with the in-process cases
+            started[name] = (directory, launch(directory, args))
+        else:
+            done[name] = in_process(directory, args)
+    for name, (directory, proc) in started.items():
+        done[name] = (proc.wait(timeout=300), (directory / "stderr").read_text())
+    return done
 
 
 @pytest.mark.parametrize("case", CASES)

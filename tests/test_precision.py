@@ -61,3 +61,19 @@ def test_gradscaler_overflows_under_16_mixed_are_not_counted_as_failures(tiny_mo
     assert cli.trainer.precision_plugin.scaler.get_scale() == pytest.approx(1.0e30 / 2**4)  # 4 overflows, halved
     assert cli.model.guard.skipped == 0
     assert [v for _, v in scalars(in_tmp / "lightning_logs" / "cpu" / "version_0")["train/skipped_steps"]] == [0] * 4
+
+
+@pytest.mark.parametrize(("precision", "native", "warned"), [
+    ("bf16-mixed", False, True), ("bf16-true", False, True), ("16-mixed", False, True),
+    ("bf16-mixed", True, False), ("32-true", False, False), ("64-true", False, False)])
+def test_a_16_bit_precision_that_a_cpu_only_emulates_is_said(monkeypatch, precision, native, warned):
+    from qmath.policy import emulated_precision
+
+    monkeypatch.setattr("qmath.policy._emulated", lambda dtype, device: not native)
+    said = emulated_precision(precision, torch.device("cpu"))
+    assert (said is not None) == warned
+    if warned:
+        name = "bf16" if precision.startswith("bf16") else "fp16"
+        assert said.startswith(f"trainer.precision {precision}: this CPU has no native {name} matrix") and (
+            "32-true here" in said)
+    assert emulated_precision(precision, torch.device("meta")) is None  # no kernels to speak of
