@@ -266,8 +266,8 @@ def run_decoding_check(args: argparse.Namespace) -> dict[str, Any]:
 def run_rehearsal(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks import rehearsal
 
-    # tiny: 20 steps (OneCycleLR's 10% warm-up needs 2), a signal in step 13, validations at 10 and 20
-    small = ["--small", "--steps", "20", "--val-every", "10", "--num-val", "4", "--signal-at", "12"]
+    # tiny: 10 steps (the warm-up raised to 2 of them), a signal in step 7, validations at 5 and 10
+    small = ["--small", "--steps", "10", "--val-every", "5", "--num-val", "4", "--signal-at", "6"]
     small = small if args.tiny else []
     return rehearsal.main([*small, "--tokenizer", args.tokenizer, "--memory-gib", str(args.memory_gib),
                            "--workdir", str(Path(args.workdir) / "rehearsal")])

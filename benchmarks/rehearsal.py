@@ -6,15 +6,15 @@
 ``python -m qmath fit --config t4x2`` with the Qwen2.5-0.5B-Instruct architecture (random weights: no hub), real
 GSM8K prompts (``--gsm8k``: a folder with ``train.jsonl`` and ``test.jsonl``, as ``../shared/gsm8k/``; the GPU
 machine gets a slice of them in ``.whl/gsm8k`` from ``gpu_check.py --prepare``; ``--small`` without them: qmath's
-generated problems), one device, ``--steps`` optimizer
-steps (30) with a validation every ``--val-every`` (10) on ``--num-val`` (64) test problems, and the learning-rate
-schedule shortened to the run. Only the model, the data, the device count, the step counts and the schedule's
-length are overridden; the strategy (DDP with ``gradient_as_bucket_view``, here over one process: NCCL on a GPU,
-gloo on CPU, so that DDP's all-reduce buckets are in the peak), decoding, precision, checkpointing and logging are
-t4x2's. In the middle of step
-``--signal-at`` + 1 the process sends itself SIGTERM, as a preemption would; the run must save ``last.ckpt``
-once, skip the validation, and exit. Then ``--ckpt_path last`` resumes it to the end, and ``validate --ckpt_path
-last`` evaluates the checkpoint, which must answer as the run's own last validation did (the same weights, greedy).
+generated problems), one device, ``--steps`` optimizer steps (30) with a validation every ``--val-every`` (10) on
+``--num-val`` (64) test problems, and the learning-rate schedule shortened to the run (with at least 2 warm-up
+steps: OneCycleLR fails at exactly one and warms up not at all below). Only the model, the data, the device count,
+the step counts and the schedule's length (and warm-up) are overridden; the strategy (DDP with
+``gradient_as_bucket_view``, here over one process: NCCL on a GPU, gloo on CPU, so that DDP's all-reduce buckets are
+in the peak), decoding, precision, checkpointing and logging are t4x2's. In the middle of step ``--signal-at`` + 1
+the process sends itself SIGTERM, as a preemption would; the run must save ``last.ckpt`` once, skip the validation,
+and exit. Then ``--ckpt_path last`` resumes it to the end, and ``validate --ckpt_path last`` evaluates the
+checkpoint, which must answer as the run's own last validation did (the same weights, greedy).
 
 Checked and printed: every process ends without an error; the seconds from the signal to the process's exit; one
 ``last*.ckpt``; the resumed run starts at the step the signal stopped and every step's learning rate equals the
@@ -142,14 +142,24 @@ class Rehearse(Callback):
         self.seen["restore"]()
 
 
-def schedule(steps: int) -> list[float]:
-    """t4x2's learning rate at each step of an uninterrupted run of ``steps`` steps (its schedule, that long)."""
+def t4x2_model() -> dict[str, Any]:
     import yaml
 
-    model = yaml.safe_load((REPO / "configs" / "t4x2.yaml").read_text())["model"]
+    return yaml.safe_load((REPO / "configs" / "t4x2.yaml").read_text())["model"]
+
+
+def pct_start(steps: int) -> float:
+    """t4x2's warm-up share, raised to 2 steps' worth for a short rehearsal: OneCycleLR divides by its warm-up
+    steps minus one (it fails at one step and has no warm-up below)."""
+    return max(t4x2_model()["lr_scheduler"]["init_args"]["pct_start"], 2 / steps)
+
+
+def schedule(steps: int) -> list[float]:
+    """t4x2's learning rate at each step of an uninterrupted run of ``steps`` steps (its schedule, that long)."""
+    model = t4x2_model()
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([parameter], **model["optimizer"]["init_args"])
-    options = {**model["lr_scheduler"]["init_args"], "total_steps": steps}
+    options = {**model["lr_scheduler"]["init_args"], "total_steps": steps, "pct_start": pct_start(steps)}
     scheduler = getattr(torch.optim.lr_scheduler, model["lr_scheduler"]["class_path"].rsplit(".", 1)[1])(
         optimizer, **options)
     rates = []
@@ -245,6 +255,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         common += ["--data.max_prompt_length", "1024"]
     fit = [*common, "--trainer.max_steps", str(args.steps), "--trainer.val_check_interval", str(args.val_every),
            "--model.lr_scheduler.init_args.total_steps", str(args.steps)]
+    if pct_start(args.steps) != t4x2_model()["lr_scheduler"]["init_args"]["pct_start"]:
+        fit += ["--model.lr_scheduler.init_args.pct_start", str(pct_start(args.steps))]
     report: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "gpu" else "cpu",
                               "steps": args.steps, "val_every": args.val_every, "num_val": args.num_val,
                               "signal_at": args.signal_at, "memory_gib": args.memory_gib, "workdir": str(workdir),

@@ -64,6 +64,23 @@ def _cell(text: str) -> str:
     return "<br>".join(text.replace("|", "\\|").splitlines())
 
 
+class LoggerStepIsGlobalStep(Callback):
+    """Keep the loggers' step equal to ``global_step`` (optimizer steps) from a run's first batch on.
+
+    Lightning 2.6 restarts its logging step one ahead when it resumes from the ``last.ckpt`` that ModelCheckpoint
+    writes at the end of fit after the last step's validation, which would shift every curve of the resumed run by
+    a step. The step is corrected before each training batch, here rather than in a LightningModule hook: the
+    module's own ``on_train_batch_start`` runs after the callbacks' (LearningRateMonitor logs from there), and a
+    data hook such as ``on_before_batch_transfer`` overridden on the module makes Lightning warn when a data module
+    is passed. ``python -m qmath`` puts it first among the trainer's callbacks.
+    """
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        if hasattr(loop, "_batches_that_stepped"):  # private; tests/test_private_apis.py checks that it exists
+            loop._batches_that_stepped = trainer.global_step
+
+
 class EndAllRanksOnException(Callback):
     """When the process that launched the other ranks fails, kill them instead of leaving them to wait for it.
 

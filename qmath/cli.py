@@ -11,7 +11,7 @@ from lightning import Trainer
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from qmath.callbacks import WritePredictions
+from qmath.callbacks import LoggerStepIsGlobalStep, WritePredictions
 from qmath.checkpointing import LORA_OPTIONS, read_checkpoint, same_option, use_atomic_checkpoints
 from qmath.errors import ConfigError
 
@@ -93,6 +93,7 @@ class QMathCLI(LightningCLI):
             ) from error
         use_atomic_checkpoints(trainer)
         steps_between_validations(trainer)
+        trainer.callbacks.insert(0, LoggerStepIsGlobalStep())  # before any callback that logs
         return trainer
 
     # Private LightningCLI hooks overridden here: if Lightning renames one, this override would silently stop

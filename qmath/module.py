@@ -324,16 +324,6 @@ class GRPO(HeldOutEvaluation, LightningModule):
         self._batch_started = time.perf_counter()
         memory.at(self.trainer.global_step, "rollout")
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # The logger's step counts optimizer steps, as global_step does. Lightning 2.6 restarts it one ahead from
-        # the last.ckpt ModelCheckpoint writes at the end of fit when the last step also validated, which would
-        # shift every curve of the resumed run by a step; so it is set from global_step before each training batch
-        # (here: before any callback's on_train_batch_start logs, LearningRateMonitor's included).
-        loop = self.trainer.fit_loop.epoch_loop
-        if self.trainer.training and hasattr(loop, "_batches_that_stepped"):
-            loop._batches_that_stepped = self.trainer.global_step
-        return batch
-
     def on_before_backward(self, loss: Tensor) -> None:
         memory.at(self.trainer.global_step, "backward")
 

@@ -9,8 +9,10 @@ import pytest
 import torch
 import yaml
 from lightning import Callback
+from lightning.pytorch.callbacks import LearningRateMonitor
 
 from qmath.__main__ import main
+from qmath.callbacks import LoggerStepIsGlobalStep
 from qmath.cli import QMathCLI, resolve_args, resolve_config
 from qmath.data import GSM8K
 from qmath.errors import ConfigError
@@ -44,6 +46,9 @@ def test_config_parses_and_instantiates(config, in_tmp):
         optimizer.step()  # the order training steps them in
         scheduler.step()
     assert [r.name for r in cli.model.rewards] == ["xmlcount", "soft_format", "strict_format", "int", "correctness"]
+    # the logger's step is set from global_step before any callback logs in on_train_batch_start
+    assert isinstance(cli.trainer.callbacks[0], LoggerStepIsGlobalStep)
+    assert any(isinstance(c, LearningRateMonitor) for c in cli.trainer.callbacks[1:])
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)

@@ -279,25 +279,26 @@ def test_an_exception_on_one_rank_ends_the_job_within_seconds(tiny_model, in_tmp
 
 def test_the_t4x2_config_runs_with_only_model_data_hardware_and_length_changed(tmp_path):
     """configs/t4x2.yaml: 2-process DDP, validations, checkpoints, LogCompletions, the learning-rate schedule to its
-    end. 100 steps with validations every 50, the schedule's total shortened with them (OneCycleLR ends the run if
-    stepped past its total: that the shipped total covers the shipped 400 steps is tested in test_configs.py); the
-    shipped 400 steps on 2 CPU processes would be minutes more of the same steps."""
+    end. 20 steps with validations, checkpoints and completion tables every 10, the schedule's total shortened with
+    them (its 10% warm-up is then 2 steps; OneCycleLR ends the run if stepped past its total: that the shipped total
+    covers the shipped 400 steps is tested in test_configs.py); the shipped 400 steps on 2 CPU processes would be
+    minutes more of the same steps."""
     model = make_tiny_model(tmp_path / "model")
     # the tiny model's rollouts end at once (an EOS bias): 512-token answers from a random model would make this a
     # long test without proving more about the distributed section
     eos = GenerationConfig.from_pretrained(model).eos_token_id
     run = fit(tmp_path, "--config", str(ROOT / "configs" / "t4x2.yaml"), "--model.model_name_or_path", str(model),
               "--model.generation_kwargs", f"{{sequence_bias: [[[{eos}], 100.0]]}}", "--data.path", "synthetic",
-              "--trainer.accelerator", "cpu", "--trainer.max_steps", "100", "--trainer.val_check_interval", "50",
-              "--model.lr_scheduler.init_args.total_steps", "100", timeout=900)
+              "--trainer.accelerator", "cpu", "--trainer.max_steps", "20", "--trainer.val_check_interval", "10",
+              "--model.lr_scheduler.init_args.total_steps", "20", timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "x 2 device(s) = 2 prompts, 16 completions per optimizer step" in run.stdout
     logs = tmp_path / "lightning_logs" / "t4x2"
     assert sorted(p.name for p in logs.iterdir()) == ["checkpoints", "version_0"]
-    assert torch.load(logs / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 100
+    assert torch.load(logs / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 20
     logged = scalars(logs / "version_0")
-    assert [s for s, _ in logged["val/accuracy_strict"]] == [49, 99]
-    assert len(logged["train/reward"]) == 100
+    assert [s for s, _ in logged["val/accuracy_strict"]] == [9, 19]
+    assert len(logged["train/reward"]) == 20
     lr = [v for _, v in logged["lr-AdamW/decay"]]
     assert max(lr) == pytest.approx(5e-6, rel=1e-3) and lr[-1] < 1e-3 * max(lr)  # warmed up, then decayed to ~0
 

@@ -52,6 +52,7 @@ def test_embedded_default_runs_one_step_through_the_cli(one_step):
     assert 0 < logged["train/completions/mean_length"][0][1] <= 32
     assert "val/format_rate" in logged
     assert (work / "lightning_logs" / "cpu" / "checkpoints" / "last.ckpt").is_file()
+    assert "You have overridden" not in run.stderr  # Lightning's warning about a hook qmath has no need to override
 
 
 def test_embedded_default_resumes_exactly(one_step, monkeypatch):

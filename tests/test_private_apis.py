@@ -60,8 +60,8 @@ def test_private_attributes_exist(tmp_path):
 
     assert callable(getattr(_SignalConnector, REQUEUE_HANDLER, None))
     assert callable(getattr(TensorBoardLogger, "_sanitize_params", None))
-    # GRPO.on_before_batch_transfer sets the logger's step from global_step (a resume from a last.ckpt written at
-    # the end of fit would log one step ahead); without the attribute that correction silently does nothing
+    # qmath.callbacks.LoggerStepIsGlobalStep sets the logger's step from global_step (a resume from a last.ckpt
+    # written at the end of fit would log one step ahead); without the attribute that correction silently does nothing
     from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 
     assert "_batches_that_stepped" in _TrainingEpochLoop.__init__.__code__.co_names
