@@ -223,13 +223,17 @@ def run_decoding_check(args: argparse.Namespace) -> dict[str, Any]:
     model = Qwen2ForCausalLM(config).to(device).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     new = 24
-    samplers = {b: Sampler(model, tokenizer, new, temperature=0.9, top_k=50, backend=b)
-                for b in ("transformers", "eager", "compiled", "graphs")}
-    for fixed in ("compiled", "graphs"):
+    backends = ("compiled",) if args.seeded_only else ("transformers", "eager", "compiled", "graphs")
+    samplers = {b: Sampler(model, tokenizer, new, temperature=0.9, top_k=50, backend=b) for b in backends}
+    for fixed in [b for b in backends if b in ("compiled", "graphs")]:
         samplers[fixed].plan(longest_prompt=40, max_rows=16)  # rows padded to 8 or 16: two graphs each
     encoded = tokenizer(["Tom has 3 boxes of pens. How many pens?", "Hi", "A baker sells 24 muffins a day."],
                         return_tensors="pt", padding=True)
     ids, mask = (x.repeat_interleave(4, 0)[:8].to(device) for x in (encoded.input_ids, encoded.attention_mask))
+    if args.seeded_only:  # the second, fresh process: its first call must draw what the first process drew later
+        drawn = samplers["compiled"].generate_seeded(ids, mask, seed=5, group=4)
+        digest = hashlib.sha256(str(drawn.ids.tolist()).encode()).hexdigest()[:16]
+        return {"device": str(device), "seeded tokens": digest, "compile error": samplers["compiled"].compile_error}
     greedy = {b: s.generate(ids, mask, greedy=True, group=4).ids for b, s in samplers.items()}
     drawn = [samplers["compiled"].generate_seeded(ids, mask, seed=5, group=4) for _ in range(2)]
     captured = samplers["graphs"].generate_seeded(ids, mask, seed=5, group=4)  # the same noise: the same draws
@@ -258,6 +262,9 @@ def run_decoding_check(args: argparse.Namespace) -> dict[str, Any]:
             "sampling log-probs vs a full forward (max abs)": max(
                 float((drawn[0].logps - expected).abs().max()),
                 float((captured.logps - expected).abs().max()) if same_draws else 0.0),
+            "sampling log-probs vs a full forward (mean abs)": max(
+                float((drawn[0].logps - expected).abs()[drawn[0].mask.bool()].mean()),
+                float((captured.logps - expected).abs()[captured.mask.bool()].mean()) if same_draws else 0.0),
             "seeded tokens": hashlib.sha256(str(drawn[0].ids.tolist()).encode()).hexdigest()[:16],
             "graphs": max(len(compiled.graphs), len(graphs.graphs)), "planned graphs": len(compiled.shapes.rows),
             "compile error": compiled.compile_error or graphs.compile_error}
@@ -278,11 +285,11 @@ def median_after_warmup(values: list[float] | tuple) -> float:
 
 
 # -- the parent ---------------------------------------------------------------------------------------------------
-def child(role: str, args: argparse.Namespace) -> dict[str, Any]:
+def child(role: str, args: argparse.Namespace, *options: str) -> dict[str, Any]:
     """``role`` in a fresh process: its result, or why it failed (an out-of-memory under the cap, say)."""
     out = Path(args.workdir) / f"{role.replace(' ', '-')}.json"
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, __file__, "--role", role, "--out", str(out), *args.passed]
+    cmd = [sys.executable, __file__, "--role", role, "--out", str(out), *args.passed, *options]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -380,6 +387,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workdir", default=None, help="model, prompts and results (default: a temp dir)")
     parser.add_argument("--role", choices=[CHECK, *ROLES, REHEARSAL], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--seeded-only", action="store_true", help=argparse.SUPPRESS)  # the decoding check's second
     args = parser.parse_args(argv)
     if args.prepare:
         prepare()
@@ -411,6 +419,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import tempfile
 
+    from qmath.decoding_check import BOUNDS
+
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="qmath-gpu-check-")
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     args.passed = ["--steps", str(args.steps), "--length", str(args.length), "--prompt-length",
@@ -421,13 +431,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "runs": {}, "ratios": {}}
     for role in args.only:
         if role == CHECK:  # twice, in two fresh processes: the second run's seeded draws must be the first's
-            first, second = child(role, args), child(role, args)
+            first, second = child(role, args), child(role, args, "--seeded-only")
             report["check"] = {**first, "seeded tokens in a fresh process": second.get("seeded tokens")}
-            report["check"]["passed"] = "error" not in first and "error" not in second and all(
-                first[k] for k in first if k.startswith(("greedy", "seeded draws"))) and first[
-                "sampling log-probs vs a full forward (max abs)"] < 1e-3 and first["graphs"] <= first[
-                "planned graphs"] and first["compile error"] is None and first["seeded tokens"] == second[
-                "seeded tokens"]
+            report["check"]["passed"] = "error" not in first and "error" not in second and all([
+                *(first[k] for k in first if k.startswith(("greedy", "seeded draws"))),
+                # the bounds the trainer's own decoding check holds fp32 decoders to (on CPU, with the embedded
+                # model's 49k-token tokenizer, this peaked model's largest single token differed by 3.2e-3, mean 3.8e-6)
+                first["sampling log-probs vs a full forward (mean abs)"] <= BOUNDS[torch.float32].mean,
+                first["sampling log-probs vs a full forward (max abs)"] <= BOUNDS[torch.float32].max,
+                first["graphs"] <= first["planned graphs"],
+                first["compile error"] is None and second["compile error"] is None,
+                first["seeded tokens"] == second["seeded tokens"]])
             print(f"{role}: {json.dumps(report['check'])}", flush=True)
             continue
         if role == REHEARSAL:
@@ -490,3 +504,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    if "--role" in sys.argv:  # a run in a process of its own, its result written: end without the teardown
+        from qmath.shutdown import exit_without_teardown
+
+        exit_without_teardown(0)

@@ -347,3 +347,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     main()
+    if "--role" in sys.argv:  # a run in a process of its own, its result written: end without the teardown
+        from qmath.shutdown import exit_without_teardown
+
+        exit_without_teardown(0)

@@ -17,6 +17,7 @@ from qmath.cli import QMathCLI, resolve_args
 from qmath.data import GSM8K
 from qmath.errors import reported
 from qmath.module import GRPO
+from qmath.shutdown import exit_without_teardown
 
 
 def main(args: ArgsType = None) -> QMathCLI | Path:
@@ -42,10 +43,17 @@ def main(args: ArgsType = None) -> QMathCLI | Path:
 
 
 def cli(args: ArgsType = None) -> None:
-    """The ``qmath`` command and ``python -m qmath``: :func:`main`, with a user's mistake said in one line."""
+    """:func:`main`, with a user's mistake said in one line (``qmath: error: …``, exit status 2)."""
     with reported():
         main(args)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``qmath`` command and ``python -m qmath``: :func:`cli`, then the process ends without the interpreter's
+    teardown (:mod:`qmath.shutdown`)."""
     cli()
+    exit_without_teardown(0)
+
+
+if __name__ == "__main__":
+    run()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -86,6 +87,45 @@ def make_qwen_like(directory: Path, repetition_penalty: float = 1.5) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def make_tiny_gguf(path: Path) -> Path:
+    """A GGUF file as llama.cpp's converter writes one: a 2-layer, 64-wide Llama of random fp32 weights with the
+    tokenizer above (a byte-level BPE, GGUF's ``gpt2`` model) and a chat template. What a GGUF conversion does, in
+    seconds rather than the half-minute the embedded model's 49,152 tokens and quantised blocks take."""
+    import gguf
+    import numpy as np
+
+    tokenizer = make_tokenizer()
+    state = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    tokens = sorted(state["vocab"], key=state["vocab"].get)
+    special = set(tokenizer.all_special_tokens)
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name("tiny")
+    for add, value in [("block_count", 2), ("context_length", 2048), ("embedding_length", 64),
+                       ("feed_forward_length", 128), ("head_count", 4), ("head_count_kv", 2),
+                       ("rope_dimension_count", 16), ("rope_freq_base", 10000.0), ("layer_norm_rms_eps", 1e-5),
+                       ("vocab_size", len(tokens)), ("tokenizer_model", "gpt2"), ("tokenizer_pre", "default"),
+                       ("token_list", tokens), ("token_merges", [" ".join(m) for m in state["merges"]]),
+                       ("token_types", [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL
+                                        for t in tokens]),
+                       ("bos_token_id", tokenizer.bos_token_id), ("eos_token_id", tokenizer.eos_token_id),
+                       ("pad_token_id", tokenizer.pad_token_id), ("chat_template", CHAT_TEMPLATE)]:
+        getattr(writer, f"add_{add}")(value)
+    shapes = {"token_embd.weight": (len(tokens), 64), "output_norm.weight": (64,)}
+    for i in range(2):  # numpy's (out, in) order, as in the HF model; the writer reverses it into GGUF's
+        shapes |= {f"blk.{i}.{name}": shape for name, shape in [
+            ("attn_norm.weight", (64,)), ("ffn_norm.weight", (64,)), ("attn_q.weight", (64, 64)),
+            ("attn_k.weight", (32, 64)), ("attn_v.weight", (32, 64)), ("attn_output.weight", (64, 64)),
+            ("ffn_gate.weight", (128, 64)), ("ffn_up.weight", (128, 64)), ("ffn_down.weight", (64, 128))]}
+    rng = np.random.default_rng(0)
+    for name, shape in shapes.items():
+        writer.add_tensor(name, (0.02 * rng.standard_normal(shape)).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns xdist_group marks into its groups

@@ -139,8 +139,10 @@ def test_profile_step_accounts_for_every_part_of_a_step_on_the_tiny_model(tiny_m
 def test_gpu_check_runs_its_tiny_mode_on_cpu(tiny_model, tmp_path, monkeypatch):
     from benchmarks import gpu_check
 
-    only = ["qmath 32-true eager", "qmath 32-true compiled", "qmath 32-true transformers",
-            "qmath-lora 32-true compiled", "qmath 32-true compiled float16"]
+    # qmath's loop eager and compiled, the LoRA config and float16 rollouts: each role a fresh process that imports,
+    # compiles and fits; transformers' generate (the same role code with another backend) is left to the GPU run
+    only = ["qmath 32-true eager", "qmath 32-true compiled", "qmath-lora 32-true compiled",
+            "qmath 32-true compiled float16"]
     try:
         import trl  # noqa: F401 - an optional extra (vs-trl); without it the TRL run is not made
         only.append("TRL 32-true")
@@ -154,7 +156,7 @@ def test_gpu_check_runs_its_tiny_mode_on_cpu(tiny_model, tmp_path, monkeypatch):
     assert check["graphs"] == check["planned graphs"] == 2  # 8 and 16 rows
     runs = report["runs"]
     assert all("error" not in runs[role] for role in only), runs
-    for role in only[:4]:
+    for role in only[:3]:
         run = runs[role]
         assert (run["completions"], run["completion_length"], run["prompt_length"]) == (8, 16, 160)
         assert set(run["phases"]) == {"generate", "reference forward", "policy forward + backward", "optimizer"}
@@ -162,9 +164,8 @@ def test_gpu_check_runs_its_tiny_mode_on_cpu(tiny_model, tmp_path, monkeypatch):
         assert run["tokens_per_s"] == pytest.approx(8 * 16 / run["phases"]["generate"])
     assert report["ratios"]["compiled / eager step time"] > 0
     assert report["compile_s"]["qmath 32-true compiled"] > 0  # compiling takes time, once
-    assert report["ratios"]["qmath's loop (eager) / transformers' generate step time"] > 0
-    assert [runs[r]["decoding"] for r in only[:3]] == ["eager", "compiled", "transformers"]
-    assert [runs[r]["graphs"] for r in only[:3]] == [0, 1, 0]  # the rollouts' 8 rows: one graph
+    assert [runs[r]["decoding"] for r in only[:2]] == ["eager", "compiled"]
+    assert [runs[r]["graphs"] for r in only[:2]] == [0, 1]  # the rollouts' 8 rows: one graph
     assert runs["qmath 32-true compiled"]["compile_error"] is None
     assert runs["qmath-lora 32-true compiled"]["compile_error"] is None  # through PEFT's layers, adapters folded in
     assert runs["qmath-lora 32-true compiled"]["graphs"] == 1

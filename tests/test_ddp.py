@@ -116,23 +116,6 @@ def test_ddp_ranks_split_prompts_sync_metrics_and_stay_identical(ddp_run):
         "global_step"] == 3
 
 
-def test_ddp_resume_repeats_the_uninterrupted_run(ddp_run, tiny_model, in_tmp):
-    args = ["--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)), *DDP, *SMALL,
-            "--trainer.val_check_interval", "3"]
-    first = fit(in_tmp, *args, "--trainer.max_steps", "2")
-    assert first.returncode == 0, first.stderr[-3000:]
-    resumed = fit(in_tmp, *args, "--trainer.max_steps", "3", "--ckpt_path", "last")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    uninterrupted, after = ranks(ddp_run), ranks(in_tmp)
-    for rank in (0, 1):  # each rank's third step: the same prompts, the same samples, the same weights after
-        assert after[rank]["steps"] == uninterrupted[rank]["steps"][2:]
-        assert after[rank]["checksum"] == pytest.approx(uninterrupted[rank]["checksum"], rel=1e-6, abs=1e-6)
-    # the tokens trained on carry on from the checkpoint's count
-    resumed_log = scalars(sorted((in_tmp / "lightning_logs" / "cpu").glob("version_*"))[-1])
-    straight_log = scalars(ddp_run / "lightning_logs" / "cpu" / "version_0")
-    assert resumed_log["train/num_tokens"] == straight_log["train/num_tokens"][2:]
-
-
 def test_ddp_compiled_decoding_compiles_its_planned_graph_on_each_rank(tiny_model, in_tmp):
     """t4x2.yaml's decoding under DDP, where Lightning runs training_step inside DDP's forward (dynamo would hand a
     graph it compiles there to its DDPOptimizer): each rank compiles the one planned shape (8 rows, for rollouts and
@@ -149,32 +132,37 @@ def test_ddp_compiled_decoding_compiles_its_planned_graph_on_each_rank(tiny_mode
     assert records[0]["checksum"] == pytest.approx(records[1]["checksum"], rel=1e-6, abs=1e-6)
 
 
-def test_ddp_lora_trains_the_same_adapters_on_both_ranks_and_resumes_each_ranks_dropout(tiny_model,
-                                                                                         tmp_path_factory):
-    """LoRA dropout draws from each rank's own generator, over that rank's own completions: resumed, rank 1 must
-    continue its own stream, not rank 0's (the checkpoint holds every rank's)."""
+def test_ddp_lora_resumed_between_reuses_of_a_rollout_repeats_each_ranks_samples_and_dropout(tiny_model,
+                                                                                            tmp_path_factory):
+    """LoRA with dropout, each rollout used for two steps (num_iterations 2), stopped after step 0 (the end of fit
+    there: its last.ckpt) and resumed to step 3, against the 4 steps in one go. Resumed, each rank trains on its own
+    saved rollout (not rank 0's), then draws its own samples, and its LoRA dropout continues that rank's own stream
+    (the checkpoint holds every rank's generators)."""
     from tests.test_lora import LORA
 
-    dropout = [*LORA, "--model.lora_dropout", "0.5", "--trainer.val_check_interval", "4"]
+    options = [*LORA, "--model.lora_dropout", "0.5", "--model.num_iterations", "2", "--trainer.val_check_interval", "4"]
     straight, stopped = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("stopped")
-    for directory, steps in ((straight, 4), (stopped, 2)):
+    for directory, steps in ((straight, 4), (stopped, 1)):  # step 1 reuses step 0's rollout
         run = fit(directory, "--config", "cpu", "--config", str(tiny_config(directory, tiny_model)), *DDP, *SMALL,
-                  *dropout, "--trainer.max_steps", str(steps))
+                  *options, "--trainer.max_steps", str(steps))
         assert run.returncode == 0, run.stderr[-3000:]
     records = ranks(straight)
     assert records[0]["checksum"] == pytest.approx(records[1]["checksum"], rel=1e-6, abs=1e-6)
-    assert not set(records[0]["steps"][1]["question"]) & set(records[1]["steps"][1]["question"])
+    for step in (0, 2):  # the steps that draw a rollout: the ranks' prompts are disjoint
+        assert not set(records[0]["steps"][step]["question"]) & set(records[1]["steps"][step]["question"])
+    assert records[0]["steps"][1]["texts"] != records[1]["steps"][1]["texts"]  # so rank 0's would not pass for 1's
     assert scalars(straight / "lightning_logs" / "cpu" / "version_0")["train/kl"][1][1] > 0  # the adapters moved
     checkpoint = torch.load(stopped / "lightning_logs" / "cpu" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["state_dict"] and all("lora_" in k for k in checkpoint["state_dict"])
     assert len(checkpoint["qmath_rng_states"]) == 2  # one per rank
     resumed = fit(stopped, "--config", "cpu", "--config", str(tiny_config(stopped, tiny_model)), *DDP, *SMALL,
-                  *dropout, "--trainer.max_steps", "4", "--ckpt_path", "last")
+                  *options, "--trainer.max_steps", "4", "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = ranks(stopped)
     for rank in (0, 1):  # the same samples, and adapters trained through the same dropout masks
-        assert [s["texts"] for s in after[rank]["steps"]] == [s["texts"] for s in records[rank]["steps"][2:]]
+        assert [s["texts"] for s in after[rank]["steps"]] == [s["texts"] for s in records[rank]["steps"][1:]]
         assert after[rank]["trainable"] == pytest.approx(records[rank]["trainable"], rel=1e-6)
+        assert after[rank]["checksum"] == pytest.approx(records[rank]["checksum"], rel=1e-6, abs=1e-6)
 
 
 def test_ddp_logs_trl_reward_std_and_length_extremes_over_both_ranks(ddp_run):
@@ -241,23 +229,6 @@ def test_dynamic_sampling_runs_the_same_rounds_on_every_rank(tiny_model, in_tmp)
     records = ranks(in_tmp)
     for step in records[0]["steps"]:  # rank 0 keeps its own informative groups, none drawn for the round
         assert step["reward"] == [0.0, 1.0] * 4
-
-
-def test_ddp_resume_between_reuses_of_a_rollout_repeats_the_uninterrupted_run(tiny_model, tmp_path_factory):
-    mu = ["--model.num_iterations", "2", "--trainer.val_check_interval", "3"]
-    straight, stopped = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("stopped")
-    for directory, steps in ((straight, 3), (stopped, 1)):  # step 1 reuses step 0's rollout
-        run = fit(directory, "--config", "cpu", "--config", str(tiny_config(directory, tiny_model)), *DDP, *SMALL,
-                  *mu, "--trainer.max_steps", str(steps))
-        assert run.returncode == 0, run.stderr[-3000:]
-    resumed = fit(stopped, "--config", "cpu", "--config", str(tiny_config(stopped, tiny_model)), *DDP, *SMALL, *mu,
-                  "--trainer.max_steps", "3", "--ckpt_path", "last")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    uninterrupted, after = ranks(straight), ranks(stopped)
-    assert uninterrupted[0]["steps"][1]["texts"] != uninterrupted[1]["steps"][1]["texts"]
-    for rank in (0, 1):  # each rank trains on its own rollout after the resume, as it did without one
-        assert [s["texts"] for s in after[rank]["steps"]] == [s["texts"] for s in uninterrupted[rank]["steps"][1:]]
-        assert after[rank]["checksum"] == pytest.approx(uninterrupted[rank]["checksum"], rel=1e-6, abs=1e-6)
 
 
 @pytest.mark.parametrize("failing_rank", [0, 1])
@@ -343,6 +314,10 @@ def test_ddp_sigterm_to_rank_0_stops_all_ranks_after_a_save_and_resumes(ddp_run,
     resumed = fit(in_tmp, *args, "--trainer.max_steps", "3", "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     uninterrupted, after = ranks(ddp_run), ranks(in_tmp)
-    for rank in (0, 1):
+    for rank in (0, 1):  # each rank's third step: the same prompts, the same samples, the same weights after
         assert after[rank]["steps"] == uninterrupted[rank]["steps"][2:]
         assert after[rank]["checksum"] == pytest.approx(uninterrupted[rank]["checksum"], rel=1e-6, abs=1e-6)
+    # the tokens trained on carry on from the checkpoint's count
+    resumed_log = scalars(sorted((in_tmp / "lightning_logs" / "cpu").glob("version_*"))[-1])
+    assert resumed_log["train/num_tokens"] == scalars(ddp_run / "lightning_logs" / "cpu" / "version_0")[
+        "train/num_tokens"][2:]

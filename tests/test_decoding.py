@@ -163,6 +163,33 @@ def test_seeded_draws_are_the_same_in_this_process_and_a_fresh_one(qwen_like):
     assert json.loads(fresh.stdout.strip().splitlines()[-1]) == first.tolist()
 
 
+@pytest.mark.parametrize("first", ["sampled", "greedy"])
+def test_the_fixed_shape_loops_check_of_its_first_step_sees_the_steps_own_noise(qwen_like, first):
+    """A fixed-shape decoder checks its first step against the plain step before using it. A run's first call is a
+    sampled rollout: checked before that step's noise was drawn, the step saw uniform zeros (noise of -inf on every
+    token), drew token 0 in both runs, and with top-k or top-p on, token 0's log-prob of -inf made the check fail
+    and the run fall back to the slower eager loop. Checked on the step's own noise, the loop stays fixed-shape
+    and draws what the eager loop draws from the same seed. (``graphs``: on CPU, the fixed-shape step without a
+    capture, so no compile here; the compiled step is checked in the same place.)"""
+    from transformers import AutoModelForCausalLM
+
+    from qmath.models import load_tokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(qwen_like).eval(), load_tokenizer(str(qwen_like))
+    ids, mask = _prompts(tokenizer, QUESTIONS[:2], 4)
+    draws = {}
+    for backend in ("eager", "graphs"):
+        sampler = Sampler(model, tokenizer, 12, temperature=0.9, top_k=5, top_p=0.9, backend=backend)
+        if first == "greedy":
+            sampler.generate(ids, mask, greedy=True, group=4)
+        with torch.no_grad():
+            draws[backend] = sampler.generate_seeded(ids, mask, seed=7, group=4)
+        assert sampler.compile_error is None
+        assert draws[backend].path == backend
+    assert torch.equal(draws["graphs"].ids, draws["eager"].ids)
+    torch.testing.assert_close(draws["graphs"].logps, draws["eager"].logps, rtol=0, atol=1e-4)
+
+
 def test_grouped_sdpa_attends_as_transformers_sdpa_without_repeating_the_kv_heads():
     """Compiled decoding's attention (one query token, 14 query heads over 2 KV heads as Qwen2.5-0.5B, a padding
     mask) equals transformers' sdpa attention; longer queries are transformers' own."""

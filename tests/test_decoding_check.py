@@ -202,25 +202,28 @@ def test_a_wrong_captured_step_costs_one_rollout_not_the_run(tiny_model, in_tmp,
     assert not [r for r in caplog.records if "graphs decoding" in r.getMessage()]
 
 
+@pytest.mark.parametrize(("wrong", "said"), [("logps", "first step's log-probs differ from the plain step's by 1"),
+                                             ("tokens", "first step drew other tokens than the plain step in 8 of 8")])
 def test_a_capture_that_computes_something_else_is_caught_before_its_tokens_are_used(qwen_module, caplog,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, wrong, said):
     """Every compiled or captured step is run once beside the plain step on the same state when it is made, so that
     a graph only evaluation uses (which no rollout's check sees) is held to account too: here a compiled step that
-    gets its log-probs wrong (a stand-in for a bad capture) is released, and the call decodes eagerly."""
+    gets its log-probs or its tokens wrong (a stand-in for a bad capture) is released, and the call decodes
+    eagerly."""
     sampler = Sampler(qwen_module.policy, qwen_module.tokenizer, 12, temperature=0.8, backend="compiled")
     sampler.plan(longest_prompt=20, max_rows=8)
     decoder = sampler.decoders[False, "compiled"]
 
     def miscompiled(state):
         decoder.step(state)
-        state.out_logps.add_(1.0)
+        (state.out_logps if wrong == "logps" else state.out_tokens).add_(1)
 
     monkeypatch.setattr(torch, "compile", lambda fn, **options: miscompiled)
     ids = torch.randint(5, 300, (8, 20))
     with caplog.at_level("WARNING", logger="qmath.generation"):
         out = sampler.generate(ids, torch.ones_like(ids), greedy=True)
     assert out.path == "eager" and list(sampler.failed) == [(False, "compiled")]
-    assert "first step's log-probs differ from the plain step's by 1" in caplog.records[0].getMessage()
+    assert said in caplog.records[0].getMessage()
     assert torch.equal(out.ids, qwen_module.sampler.generate(ids, torch.ones_like(ids), greedy=True).ids)
 
 

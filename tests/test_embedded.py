@@ -55,28 +55,23 @@ def test_embedded_default_runs_one_step_through_the_cli(one_step):
     assert "You have overridden" not in run.stderr  # Lightning's warning about a hook qmath has no need to override
 
 
-def test_embedded_default_resumes_exactly(one_step, monkeypatch):
-    """The CLI's step 1, then `--ckpt_path last` for step 2, against 2 steps in one go: the same weights, and the
-    same values logged at the same steps. The checkpoint is the one ModelCheckpoint writes at the end of fit after
-    the last step's validation (a mid-run save's resume is tested on the tiny model in tests/test_resume.py)."""
+def test_embedded_default_resumes_from_the_checkpoint_written_at_the_end_of_fit(one_step, monkeypatch):
+    """The CLI's step 1, then `--ckpt_path last` for step 2: the checkpoint ModelCheckpoint writes at the end of fit
+    after the last step's validation, from the embedded model's cache, continues at step 2 with the checkpoint's
+    weights, and logs at the step it belongs to (a callback's logging too). That such a resume repeats the
+    uninterrupted run, weights and logged values, is tests/test_fit.py's test_resume_continues_from_last, on the
+    tiny model from the same kind of checkpoint: the embedded model goes through the same code."""
     work, run = one_step
     assert run.returncode == 0, run.stderr[-3000:]
     monkeypatch.chdir(work)
-    args = ["fit", *ARGS, "--trainer.max_steps", "2"]
-    resumed = main([*args, "--ckpt_path", "last"])
-    straight = main([*args, "--trainer.logger.init_args.name", "once"])
-    for a, b in zip(straight.model.policy.parameters(), resumed.model.policy.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    once = dict(scalars(work / "lightning_logs" / "once" / "version_0")["train/reward"])
-    split = {**dict(scalars(work / "lightning_logs" / "cpu" / "version_0")["train/reward"]),
-             **dict(scalars(work / "lightning_logs" / "cpu" / "version_1")["train/reward"])}
-    assert sorted(once) == sorted(split) == [0, 1]
-    assert split == pytest.approx(once, rel=1e-5)
+    resumed = main(["fit", *ARGS, "--trainer.max_steps", "2", "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == 2
     steps = []
-    for run, version in (("cpu", "version_0"), ("cpu", "version_1"), ("once", "version_0")):
-        logged = scalars(work / "lightning_logs" / run / version)
-        steps.append([s for s, _ in logged[min(k for k in logged if k.startswith("lr-AdamW"))]])
-    assert steps == [[0], [1], [0, 1]]  # a callback's logging too, at the step it belongs to
+    for version in ("version_0", "version_1"):
+        logged = scalars(work / "lightning_logs" / "cpu" / version)
+        steps.append([[s for s, _ in logged["train/reward"]],
+                      [s for s, _ in logged[min(k for k in logged if k.startswith("lr-AdamW"))]]])
+    assert steps == [[[0], [0]], [[1], [1]]]
 
 
 def test_every_decoding_backend_answers_as_transformers_generate_on_the_embedded_model():

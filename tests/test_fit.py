@@ -147,15 +147,28 @@ def hparams_entries(log_dir: Path) -> int:
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_resume_continues_from_last(tiny_model, in_tmp, lora):
-    config = str(tiny_config(in_tmp, tiny_model))
-    four = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "4",
+    """2 steps, then `--ckpt_path last` to 4, against 4 in one go. The checkpoint is the one written at the end of
+    fit, after the last step's validation, as the shipped configs write it when max_steps is not a multiple of their
+    interval (a signal's mid-run save is tests/test_resume.py's): the same weights, the same prompts, and each value
+    logged at the step it belongs to, a callback's too."""
+    path = tiny_config(in_tmp, tiny_model)
+    settings = yaml.safe_load(path.read_text())
+    settings["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 100  # the only save: the end of fit's
+    path.write_text(yaml.safe_dump(settings))
+    config = str(path)
+    # validations at steps 2 and 4 in both: the stopped run's validation at 2 precedes its save, as the uninterrupted
+    # run's precedes its step 3 (with LoRA dropout on, the generators after it are what step 3 draws from)
+    four = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
             *(["--model.lora_r", "4", "--model.lora_alpha", "8"] if lora else [])]
     straight = main(["fit", "--config", "cpu", "--config", config, *four, "--trainer.logger.init_args.name", "once"])
-    main(["fit", "--config", "cpu", "--config", config, *four[4:]])
+    main(["fit", "--config", "cpu", "--config", config, "--trainer.max_steps", "2", *four[2:]])
     resumed = main(["fit", "--config", "cpu", "--config", config, *four, "--ckpt_path", "last"])
     assert resumed.trainer.global_step == 4
     logged = scalars(in_tmp / "lightning_logs" / "cpu" / "version_1")
     assert [step for step, _ in logged["train/reward"]] == [2, 3]  # continues, does not restart at step 0
+    assert [step for step, _ in logged[min(k for k in logged if k.startswith("lr-AdamW"))]] == [2, 3]
+    once = scalars(in_tmp / "lightning_logs" / "once" / "version_0")["train/reward"]
+    assert logged["train/reward"] == pytest.approx(once[2:], rel=1e-5)
     # the data position came back: step 4 drew the same prompts as in the run that never stopped
     assert resumed.model.last_rollout["question"] == straight.model.last_rollout["question"]
     for a, b in zip(straight.model.policy.parameters(), resumed.model.policy.parameters()):
@@ -316,6 +329,10 @@ def test_weight_decay_spares_biases_and_norms_as_hf_trainer_does(qwen_like):
     assert all(n.endswith((".q_proj.bias", ".k_proj.bias", ".v_proj.bias", "layernorm.weight")) or
                n == "policy.model.norm.weight" for n in spared_names), spared_names
     assert all(p.ndim == 2 for p in decay["params"])  # the matrices and the embedding
+    from transformers import Trainer  # its own rule (the method does not use `self`), which qmath's repeats
+
+    trainers = {f"policy.{n}" for n in Trainer.get_decay_parameter_names(None, module.policy)}
+    assert {names[id(p)] for p in decay["params"]} == trainers & set(names.values())  # (less the tied lm_head)
     module.optimizer = partial(torch.optim.AdamW, lr=1e-5, weight_decay=0.0)
     assert len(module.configure_optimizers().param_groups) == 1  # without decay, one group (one lr-AdamW)
 

@@ -186,3 +186,15 @@ def test_after_a_resume_the_reference_is_the_base_model(tiny_model, in_tmp):
         expected = module.token_logps(base, micro)
         torch.testing.assert_close(module.token_logps(module.reference, micro), expected, rtol=0, atol=0)
         assert not torch.allclose(module.token_logps(module.policy, micro), expected)  # the policy did move
+
+
+def test_each_rank_takes_its_own_generators_from_a_checkpoint():
+    """The selection under the DDP resume tests (whose ranks' generators differ only where their draws did): rank r
+    restores entry r of the checkpoint's list, an older checkpoint's single dict goes to every rank, and a rank
+    beyond those saved keeps its seeded generators."""
+    from qmath.checkpointing import own_rng_states
+
+    saved = [{"torch": torch.tensor([0])}, {"torch": torch.tensor([1])}]
+    assert [own_rng_states(saved, rank, 2)["torch"].item() for rank in (0, 1)] == [0, 1]
+    assert own_rng_states(saved[0], 1, 2) is saved[0]
+    assert own_rng_states(saved, 2, 3) is None and own_rng_states(None, 0, 1) is None
