@@ -9,6 +9,7 @@ from typing import Any
 
 from lightning import Trainer
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from qmath.callbacks import LoggerStepIsGlobalStep, WritePredictions
@@ -95,6 +96,29 @@ class QMathCLI(LightningCLI):
         steps_between_validations(trainer)
         trainer.callbacks.insert(0, LoggerStepIsGlobalStep())  # before any callback that logs
         return trainer
+
+    def before_fit(self) -> None:
+        """Checks of the command as a whole, once the trainer is built and before any model loads."""
+        self._check_resume()
+
+    before_validate = before_test = before_predict = before_fit
+
+    def _check_resume(self) -> None:
+        """``--ckpt_path last`` with no last checkpoint where the config's ModelCheckpoint saves them: Lightning warns
+        (with a hint about ``save_last`` that does not apply) and trains from step 0, which after a long run reads as
+        a resume. Refused instead, naming the folder looked in, as HF's Trainer does for ``resume_from_checkpoint``."""
+        subcommand = self.config.get("subcommand")
+        if self.config[subcommand].get("ckpt_path") != "last":
+            return
+        savers = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+        if not savers:  # its folder is the logger's, known only once fit starts: Lightning's own lookup decides
+            return
+        folder = Path(savers[0].dirpath)
+        if not any(folder.glob(f"{savers[0].CHECKPOINT_NAME_LAST}*{savers[0].FILE_EXTENSION}")):
+            raise ConfigError(f"--ckpt_path last: no last checkpoint in {folder} (where this config saves them). "
+                              "Put the earlier run's checkpoint folder there (on Kaggle: copy it from the earlier "
+                              "version's output), give the file as --ckpt_path PATH, or leave --ckpt_path out to "
+                              "start at step 0")
 
     # Private LightningCLI hooks overridden here: if Lightning renames one, this override would silently stop
     # running, so tests/test_private_apis.py checks that LightningCLI still has both.

@@ -574,6 +574,7 @@ _LIMITS = {  # option: (whether a value is possible, what it must be)
     "num_generations": (lambda v: v >= 2, "at least 2 to form a group"),
     "max_completion_length": (lambda v: v >= 1, "positive"),
     "temperature": (lambda v: v > 0, "positive"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1] (1: off)"),
     "num_iterations": (lambda v: v >= 1, "at least 1"),
     "maj_k": (lambda v: v is None or v >= 2, "at least 2 samples to vote, or null"),
     "max_skipped_steps": (lambda v: v >= 1, "at least 1"),

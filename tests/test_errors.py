@@ -56,6 +56,10 @@ CASES = {
     "num_generations 1": (lambda d: ["--model.num_generations", "1"],
                           "model.num_generations must be at least 2 to form a group, got 1"),
     "temperature 0": (lambda d: ["--model.temperature", "0"], "model.temperature must be positive, got 0"),
+    "top_p 1.5": (lambda d: ["--model.top_p", "1.5"], "model.top_p must be in (0, 1] (1: off), got 1.5"),
+    "resume with no checkpoint": (
+        lambda d: ["--ckpt_path", "last"],
+        "/lightning_logs/cpu/checkpoints (where this config saves them). Put the earlier run's checkpoint folder"),
     "max_completion_length 0": (lambda d: ["--model.max_completion_length", "0"],
                                 "model.max_completion_length must be positive, got 0"),
     "batch_size 0": (lambda d: ["--data.batch_size", "0"], "data.batch_size must be at least 1 prompt per device"),
