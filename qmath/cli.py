@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from lightning import Trainer
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from qmath.callbacks import LoggerStepIsGlobalStep, WritePredictions
@@ -104,18 +105,23 @@ class QMathCLI(LightningCLI):
     before_validate = before_test = before_predict = before_fit
 
     def _check_resume(self) -> None:
-        """``--ckpt_path last`` with no last checkpoint where the config's ModelCheckpoint saves them: Lightning warns
-        (with a hint about ``save_last`` that does not apply) and trains from step 0, which after a long run reads as
-        a resume. Refused instead, naming the folder looked in, as HF's Trainer does for ``resume_from_checkpoint``."""
+        """``--ckpt_path last`` with no last checkpoint where the config saves them: Lightning warns (with a hint
+        about ``save_last`` that does not apply) and trains from step 0, which after a long run reads as a resume.
+        Refused instead, naming the folders looked in, as HF's Trainer does for ``resume_from_checkpoint``; leaving
+        ``--ckpt_path`` out starts afresh. The lookup is Lightning's own for ``"last"`` (every ModelCheckpoint's
+        ``last*.ckpt``, an OnExceptionCheckpoint's file; remote folders through fsspec), so that both agree."""
         subcommand = self.config.get("subcommand")
         if self.config[subcommand].get("ckpt_path") != "last":
             return
-        savers = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
-        if not savers:  # its folder is the logger's, known only once fit starts: Lightning's own lookup decides
+        savers = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+        if not any(c.dirpath for c in savers):  # a folder named after the logger's next version: Lightning decides
             return
-        folder = Path(savers[0].dirpath)
-        if not any(folder.glob(f"{savers[0].CHECKPOINT_NAME_LAST}*{savers[0].FILE_EXTENSION}")):
-            raise ConfigError(f"--ckpt_path last: no last checkpoint in {folder} (where this config saves them). "
+        candidates = {c.ckpt_path for c in self.trainer.callbacks if isinstance(c, OnExceptionCheckpoint)}
+        for saver in savers:  # (private: tests/test_private_apis.py checks it is still there)
+            candidates |= saver._find_last_checkpoints(self.trainer)
+        if not any(get_filesystem(path).exists(path) for path in candidates if path):
+            folders = ", ".join(str(c.dirpath) for c in savers if c.dirpath)
+            raise ConfigError(f"--ckpt_path last: no last checkpoint in {folders} (where this config saves them). "
                               "Put the earlier run's checkpoint folder there (on Kaggle: copy it from the earlier "
                               "version's output), give the file as --ckpt_path PATH, or leave --ckpt_path out to "
                               "start at step 0")

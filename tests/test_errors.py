@@ -214,3 +214,27 @@ def test_under_ddp_a_data_error_is_said_once_and_the_job_ends(tmp_path, tiny_mod
     assert status != 0 and "Traceback" not in stderr, stderr
     assert stderr.count("qmath: error:") == 1 and "rows.jsonl: of its 2 rows, 1 is invalid" in stderr, stderr
     print(f"DDP: exit status {status} after {time.time() - start:.0f} s")
+
+
+def test_resume_with_no_checkpoint_looks_where_lightning_looks(tmp_path):
+    """`--ckpt_path last` is refused only where Lightning's own lookup finds nothing: a `last-v1.ckpt` (written
+    beside a `last.ckpt` from another run) is one Lightning resumes from, so it passes."""
+    from lightning import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from qmath.cli import QMathCLI
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+
+    def check() -> None:
+        cli = QMathCLI.__new__(QMathCLI)  # the check alone, on a trainer as the CLI builds it
+        cli.config = {"subcommand": "fit", "fit": {"ckpt_path": "last"}}
+        cli.trainer = Trainer(callbacks=[ModelCheckpoint(dirpath=str(folder), save_last=True)], logger=False,
+                              enable_progress_bar=False, default_root_dir=str(tmp_path))
+        cli._check_resume()
+
+    with pytest.raises(ConfigError, match=f"no last checkpoint in {folder}"):
+        check()
+    (folder / "last-v1.ckpt").write_bytes(b"")
+    check()

@@ -50,6 +50,8 @@ def test_private_attributes_exist(tmp_path):
     from transformers import CompileConfig
 
     assert hasattr(ModelCheckpoint(every_n_train_steps=5), "_every_n_train_steps")
+    # QMathCLI's check of `--ckpt_path last` looks where Lightning's own lookup does
+    assert callable(getattr(ModelCheckpoint, "_find_last_checkpoints", None))
     # CheckpointOnSignal tells ModelCheckpoint it has saved this step's last.ckpt (no second 5.5 GiB save)
     for attribute in ("_last_global_step_saved", "_last_checkpoint_saved", "last_model_path"):
         assert hasattr(ModelCheckpoint(save_last=True), attribute), attribute
