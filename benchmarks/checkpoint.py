@@ -8,6 +8,8 @@ checkpoint's size does not depend on them) with ``last.ckpt`` saved after it, th
 
 - the file's size, beside what it holds (the policy's fp32 weights and AdamW's two moments) and the disk an atomic
   save needs at its peak (the previous ``last.ckpt`` and the new one, side by side until the rename);
+- what a save costs: seconds in the foreground (write, fsync, rename), and in the background (the step waits for the
+  host copy only), with the disk's write speed, to scale the figure to another disk;
 - the peak RSS of ``python -m qmath export`` on it, and of reading the checkpoint's hyperparameters alone, as
   qmath does (``torch.load(..., mmap=True)``) and as a plain ``torch.load`` would, each in a fresh process.
 """
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
                   for t in state.values() if isinstance(t, torch.Tensor) and t.dim() > 0)
     del checkpoint
     size = last.stat().st_size
+    save = save_cost(last, workdir)
     export = peak_rss(f"from qmath.__main__ import main; main(['export', '--ckpt_path', {str(last)!r}, "
                       f"'--out', {str(workdir / 'export')!r}])")
     hparams_mmap = peak_rss(f"from qmath.checkpointing import read_checkpoint; "
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
               "checkpoint_gib": size / GiB, "weights_gib": weights / GiB, "adamw_moments_gib": moments / GiB,
               "atomic_save_peak_disk_gib": 2 * size / GiB, "export_peak_rss_gib": export,
               "hparams_mmap_peak_rss_gib": hparams_mmap, "hparams_plain_load_peak_rss_gib": hparams_plain,
-              "imports_peak_rss_gib": baseline, "fit_seconds": fit_seconds}
+              "imports_peak_rss_gib": baseline, "fit_seconds": fit_seconds, **save}
     print(f"\nqmath checkpoint benchmark ({result['model']}, {weights // 4:,} parameters, t4x2 settings)")
     rows = [("last.ckpt on disk", size / GiB), ("  policy weights (fp32)", weights / GiB),
             ("  AdamW moments (exp_avg, exp_avg_sq)", moments / GiB),
@@ -96,8 +99,54 @@ def main(argv: list[str] | None = None) -> dict:
     print("| | GiB |\n|---|---:|")
     for name, value in rows:
         print(f"| {name} | {value:.2f} |")
+    print(f"\nwhat a save costs ({size / GiB:.2f} GiB, {save['disk']}):\n| | s |\n|---|---:|")
+    for name, key in (("atomic save in the foreground (write, fsync, rename): the step waits for all of it",
+                       "foreground_save_s"),
+                      ("background save: the step waits for the host copy", "background_blocking_s"),
+                      ("background save: until the file is renamed into place", "background_total_s")):
+        print(f"| {name} | {save[key]:.2f} |")
+    print(f"disk write speed: {save['write_gb_per_s']:.2f} GB/s (the foreground save's bytes / its seconds)")
     (workdir / "checkpoint.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def save_cost(last: Path, workdir: Path) -> dict:
+    """Seconds to save the checkpoint at ``last`` as ``fit`` does, read back into memory first: once in the
+    foreground (qmath's AtomicCheckpointIO: write, fsync, rename) and once in the background (BackgroundCheckpointIO,
+    every run's default: the caller waits for the host copy only), each to a fresh file. Both fsync the file before
+    the rename, so the figure is the disk's, not the page cache's."""
+    import shutil
+
+    from qmath.checkpointing import AtomicCheckpointIO, BackgroundCheckpointIO
+
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    target = workdir / "save-cost"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir()
+    timings = {}
+    for name, io in (("foreground", AtomicCheckpointIO()), ("background", BackgroundCheckpointIO())):
+        os.sync()
+        start = time.perf_counter()
+        io.save_checkpoint(checkpoint, target / f"{name}.ckpt")
+        timings[f"{name}_blocking_s"] = time.perf_counter() - start
+        io.teardown()
+        timings[f"{name}_total_s"] = time.perf_counter() - start
+    size = (target / "foreground.ckpt").stat().st_size
+    shutil.rmtree(target)
+    return {"foreground_save_s": timings["foreground_total_s"],
+            "background_blocking_s": timings["background_blocking_s"],
+            "background_total_s": timings["background_total_s"],
+            "write_gb_per_s": size / timings["foreground_total_s"] / 1e9, "disk": _disk(workdir)}
+
+
+def _disk(path: Path) -> str:
+    """The file system and the block device under ``path``, as far as /proc says."""
+    best = ("?", "?")
+    for line in Path("/proc/mounts").read_text().splitlines():
+        device, mount, kind = line.split()[:3]
+        if str(path.resolve()).startswith(mount) and len(mount) >= len(best[0]):
+            best = (mount, f"{kind} on {device}")
+    return best[1]
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ def qmath_config(args: argparse.Namespace, prompts: list[dict[str, str]], backen
     ``precision``: Lightning's. ``shipped``: keep cpu.yaml's own precision and rollout dtype (qmath at its default)."""
     import yaml
 
+    from qmath.models import model_config
+
     work = Path(args.workdir)
     (work / "problems.jsonl").write_text("".join(json.dumps({"question": p["question"], "answer": p["answer"]})
                                                  + "\n" for p in prompts))
@@ -96,7 +98,9 @@ def qmath_config(args: argparse.Namespace, prompts: list[dict[str, str]], backen
                     "callbacks": [{"class_path": "benchmarks.vs_trl.StepTimer"}], "limit_val_batches": 0,
                     "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False},
         "model": model,
-        "data": {"path": str(work / "problems.jsonl"), "batch_size": PROMPTS_PER_STEP, "max_prompt_length": 4096},
+        # no prompt dropped: every length the model's context takes beside the completion
+        "data": {"path": str(work / "problems.jsonl"), "batch_size": PROMPTS_PER_STEP,
+                 "max_prompt_length": model_config(args.model).max_position_embeddings - args.length},
     }
     if not shipped:
         config["trainer"]["precision"] = precision

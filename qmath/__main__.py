@@ -1,6 +1,7 @@
 """``python -m qmath {fit,validate,test,predict} --config t4x2.yaml``: GRPO on GSM8K through LightningCLI.
 
-``python -m qmath export`` writes a checkpoint's policy as a Hugging Face model directory.
+``python -m qmath export`` writes a checkpoint's policy as a Hugging Face model directory; ``python -m qmath --version``
+prints qmath's, torch's and transformers' versions.
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ from qmath.data import GSM8K
 from qmath.errors import reported
 from qmath.module import GRPO
 from qmath.shutdown import exit_without_teardown
+from qmath.versions import versions
 
 
-def main(args: ArgsType = None) -> QMathCLI | Path:
+def main(args: ArgsType = None) -> QMathCLI | Path | None:
     """Build and run the CLI; ``args`` as on the command line (``None``: ``sys.argv[1:]``)."""
     argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] in (["--version"], ["-V"]):
+        print(versions())
+        return None
     if argv[:1] == ["export"]:  # not a Trainer method, so not a LightningCLI subcommand
         return export.main(argv[1:])
     if args is None:  # keep sys.argv as the one source, as LightningCLI expects

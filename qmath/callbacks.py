@@ -24,6 +24,8 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_signal
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from qmath.versions import prompt_sharing_warning, versions
+
 
 class LogCompletions(Callback):
     """Every ``every_n_steps`` optimizer steps, log a table of sampled completions as TensorBoard text.
@@ -151,7 +153,7 @@ class RunSummary(Callback):
         reference = stage == "fit" and hp.beta != 0  # loaded in the module's on_fit_start, after this hook
         lora = bool(hp.get("lora_r"))
         frozen = sum(p.numel() * p.element_size() for p in pl_module.parameters() if not p.requires_grad)
-        lines = [f"qmath {stage}:",
+        lines = [f"qmath {stage}: {versions()}",
                  f"  model        {source}",
                  f"  parameters   {count(params)} ({count(trainable)} trainable)"
                  + (f"; a frozen copy is the KL reference (beta {hp.beta})" if reference and not lora else "")
@@ -185,7 +187,8 @@ class RunSummary(Callback):
             split = "validation" if stage == "validate" else stage
             lines.append(f"  data         {data.describe(split)}: {len(rows)} problems, greedy, up to "
                          f"{hp.max_completion_length} tokens" + (f"; maj@{hp.maj_k}" if hp.maj_k else ""))
-        return lines + RunSummary.outputs(trainer, stage)
+        warning = prompt_sharing_warning(stage == "fit" and hp.gradient_checkpointing)
+        return lines + RunSummary.outputs(trainer, stage) + ([f"  warning      {warning}"] if warning else [])
 
     @staticmethod
     def outputs(trainer: Trainer, stage: str) -> list[str]:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,9 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states  # private: see rng_states
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from qmath.errors import CheckpointError
 from qmath.rollout import Rollout
@@ -101,10 +104,103 @@ def _previous_good(damaged: Path) -> str:
     return f"No other readable checkpoint is in {damaged.parent}: start again without --ckpt_path."
 
 
+class BackgroundCheckpointIO(AsyncCheckpointIO):
+    """Lightning's ``AsyncCheckpointIO`` over :class:`AtomicCheckpointIO`, its point-in-time copy in host memory.
+
+    The ranks wait for a save only while the state is copied into host memory; writing it, the fsync and the rename
+    run in a thread while training goes on (docs/performance.md#what-a-save-costs). Lightning's plugin clones each
+    tensor on its own device, which on a GPU needs the whole state again in GPU memory (5.52 GiB for t4x2, on a T4
+    with a fraction of a GiB to spare), so the copy goes to host memory here, storages shared by several tensors
+    (tied embeddings) copied once, as ``torch.save`` writes them once. One save is in flight at a time: the next, a
+    load or a removal waits for the write, so host memory holds one copy. The write is :class:`AtomicCheckpointIO`'s,
+    so a kill at any moment leaves the previous checkpoint whole (a save is durable once its write ends: a kill
+    during the write loses it, and the run falls back to the previous one). A write that fails (a full disk) is
+    raised at the next save or at the end of the run, as one line naming the file. Lightning's SLURM requeue
+    checkpoint (``hpc_ckpt_*.ckpt``, written right before the job is requeued and killed) is written in the
+    foreground.
+    """
+
+    def __init__(self, checkpoint_io: Any | None = None) -> None:
+        super().__init__(checkpoint_io or AtomicCheckpointIO())
+        # its own writer thread: AsyncCheckpointIO's executor set-up is private and changed within Lightning 2.5
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: tuple[Future, _PATH] | None = None
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        self.wait()
+        if Path(str(path)).name.startswith("hpc_ckpt_"):
+            return self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options)
+        copy = apply_to_collection(checkpoint, torch.Tensor, _host_copier())
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qmath-checkpoint")
+        self._pending = self._writer.submit(self.checkpoint_io.save_checkpoint, copy, path, storage_options), path
+
+    def wait(self) -> None:
+        """Until the write in flight, if any, is on disk; its error, if it failed, raised here as one line."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending[0].result()
+        except Exception as error:  # torch.save reports a full disk as a RuntimeError of its zip writer
+            path = Path(str(pending[1]))
+            free = shutil.disk_usage(path.parent).free / 2**30 if path.parent.is_dir() else float("nan")
+            raise CheckpointError(f"writing the checkpoint {path} failed ({type(error).__name__}: {error}); "
+                                  f"{free:.1f} GiB free there. The previous checkpoint is whole: free disk space (a "
+                                  "save needs the previous file and the new one side by side) and resume with "
+                                  "--ckpt_path last") from error
+
+    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.wait()
+        return self.checkpoint_io.load_checkpoint(*args, **kwargs)
+
+    def remove_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        self.wait()
+        self.checkpoint_io.remove_checkpoint(*args, **kwargs)
+
+    def teardown(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+            self.checkpoint_io.teardown()
+
+
+def wait_for_checkpoints(trainer: Trainer) -> None:
+    """Until a checkpoint written in the background is on disk (no-op for a foreground checkpoint plugin)."""
+    wait = getattr(trainer.strategy.checkpoint_io, "wait", None)
+    if callable(wait):
+        wait()
+
+
+def _host_copier() -> Any:
+    """A function from a tensor to its copy in host memory, each storage copied once (views keep sharing it)."""
+    copies: dict[tuple[str, int, int], torch.UntypedStorage] = {}
+
+    def copy(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.detach().untyped_storage()
+        key = (str(storage.device), storage.data_ptr(), storage.nbytes())
+        if key not in copies:
+            copies[key] = storage.clone() if storage.device.type == "cpu" else storage.cpu()
+        return torch.empty(0, dtype=tensor.dtype).set_(copies[key], tensor.storage_offset(), tensor.size(),
+                                                       tensor.stride())
+
+    return copy
+
+
 def use_atomic_checkpoints(trainer: Any) -> None:
-    """Swap the strategy's plain ``TorchCheckpointIO`` for :class:`AtomicCheckpointIO`; leave any other alone."""
-    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    """Swap the strategy's plain ``TorchCheckpointIO`` for atomic saves written in the background
+    (:class:`BackgroundCheckpointIO`; under FSDP in the foreground); leave any other alone.
+    ``trainer.plugins: [qmath.checkpointing.AtomicCheckpointIO]`` saves atomically in the foreground instead."""
+    if type(trainer.strategy.checkpoint_io) is not TorchCheckpointIO:
+        return
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    # FSDP's full state dict is gathered into host memory already (17 GiB for fsdp.yaml): no second copy of it
+    sharded = isinstance(trainer.strategy, FSDPStrategy)
+    trainer.strategy.checkpoint_io = AtomicCheckpointIO() if sharded else BackgroundCheckpointIO()
 
 
 class CheckpointOnSignal(Callback):
@@ -164,8 +260,17 @@ class CheckpointOnSignal(Callback):
         # held-out pass would outlast SLURM's 30-second default grace period; the resumed run validates on schedule
         self._limit_val_batches, trainer.limit_val_batches = trainer.limit_val_batches, 0
         trainer.should_stop = True
+        wait_for_checkpoints(trainer)  # on disk before anything else (a preemption's grace period) can end us
         rank_zero_info(f"qmath: stopped by a signal after step {trainer.global_step}; saved {path}. "
                        "Resume with --ckpt_path last")
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Finish a checkpoint being written in the background (it predates the failure, so it is one to resume
+        from); if that write failed too, say so without hiding the exception that ended the run."""
+        try:
+            wait_for_checkpoints(trainer)
+        except CheckpointError as error:
+            rank_zero_info(f"qmath: {error}")
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for signum, handler in self._previous.items():

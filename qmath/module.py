@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from lightning import LightningModule
@@ -48,7 +48,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from qmath import memory
-from qmath.checkpointing import load_state, restore_rng_states, save_state
+from qmath.checkpointing import load_state, restore_rng_states, save_state, wait_for_checkpoints
 from qmath.decoding_check import DecodingCheck, decoding_flags, finite_rows
 from qmath.dynamic_sampling import resample
 from qmath.errors import ConfigError
@@ -72,6 +72,7 @@ from qmath.grpo import (
 from qmath.lora import ALL_LINEAR
 from qmath.models import EMBEDDED_MODEL, download
 from qmath.optim import decay_groups, optimizers
+from qmath.options import NonNegative, Positive, Range, check_ranges
 from qmath.policy import Policy, RolloutDtype, emulated_precision
 from qmath.rewards import Reward, default_rewards, score
 from qmath.rollout import Rollout
@@ -194,49 +195,49 @@ class GRPO(HeldOutEvaluation, LightningModule):
     def __init__(
         self,
         model_name_or_path: str = EMBEDDED_MODEL,
-        num_generations: int = 8,
-        max_completion_length: int = 96,
-        temperature: float = 0.5,
-        top_p: float = 1.0,
-        top_k: int | None = None,
+        num_generations: Annotated[int, Range(ge=2, why="to form a group")] = 8,
+        max_completion_length: Annotated[int, Range(gt=0)] = 96,
+        temperature: Positive = 0.5,
+        top_p: Annotated[float, Range(gt=0, le=1, why="(1: off)")] = 1.0,
+        top_k: Annotated[int, Range(ge=0, why="(0 or null: off)")] | None = None,
         generation_backend: Backend = "auto",
         generation_kwargs: dict[str, Any] | None = None,
-        beta: float = 0.04,
+        beta: NonNegative = 0.04,
         use_bias_correction_kl: bool = False,
-        epsilon: float = 0.2,
-        epsilon_high: float | None = None,
+        epsilon: Positive = 0.2,
+        epsilon_high: Positive | None = None,
         delta: float | None = None,
         loss_type: LossType = "dr_grpo",
         importance_sampling_level: ImportanceSamplingLevel = "token",
-        sapo_temperature_neg: float = 1.05,
-        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: Positive = 1.05,
+        sapo_temperature_pos: Positive = 1.0,
         vespo_k_pos: float = 2.0,
-        vespo_lambda_pos: float = 3.0,
+        vespo_lambda_pos: NonNegative = 3.0,
         vespo_k_neg: float = 3.0,
-        vespo_lambda_neg: float = 2.0,
-        top_entropy_quantile: float = 1.0,
+        vespo_lambda_neg: NonNegative = 2.0,
+        top_entropy_quantile: Annotated[float, Range(gt=0, le=1, why="(1: every token)")] = 1.0,
         entropy_coef: float = 0.0,
-        off_policy_mask_threshold: float | None = None,
+        off_policy_mask_threshold: Annotated[float, Range(ge=0, why="(a mean log-ratio)")] | None = None,
         scale_rewards: ScaleRewards = "none",
-        num_iterations: int = 1,
+        num_iterations: Annotated[int, Range(ge=1)] = 1,
         mask_truncated_completions: bool = False,
         dynamic_sampling: bool = False,
-        max_sampling_rounds: int = 3,
-        maj_k: int | None = None,
+        max_sampling_rounds: Annotated[int, Range(ge=0)] = 3,
+        maj_k: Annotated[int, Range(ge=2, why="samples to vote")] | None = None,
         reward_errors: Literal["raise", "zero"] = "raise",
-        max_skipped_steps: int = 3,
+        max_skipped_steps: Annotated[int, Range(ge=1)] = 3,
         rewards: list[Reward] | None = None,
         gradient_checkpointing: bool = False,
-        lora_r: int = 0,
-        lora_alpha: float = 16.0,
-        lora_dropout: float = 0.05,
+        lora_r: Annotated[int, Range(ge=0, why="(0: no LoRA)")] = 0,
+        lora_alpha: Positive = 16.0,
+        lora_dropout: Annotated[float, Range(ge=0, lt=1)] = 0.05,
         lora_target_modules: list[str] | str = ALL_LINEAR,
         lora_merge_for_generation: bool = True,
         rollout_dtype: RolloutDtype | None = "bfloat16",
         rollout_importance_sampling_correction: bool = True,
         rollout_importance_sampling_mode: SamplingCorrection = "token_truncate",
-        rollout_importance_sampling_clip_max: float | None = 3.0,
-        rollout_importance_sampling_clip_min: float | None = None,
+        rollout_importance_sampling_clip_max: Positive | None = 3.0,
+        rollout_importance_sampling_clip_min: NonNegative | None = None,
         trust_remote_code: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -315,6 +316,11 @@ class GRPO(HeldOutEvaluation, LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         save_state(self, checkpoint)
+
+    def on_train_end(self) -> None:
+        # after every callback's on_train_end, ModelCheckpoint's last save included: that write ends before
+        # Lightning's teardown moves the policy and the optimizer state to host memory beside the write's own copy
+        wait_for_checkpoints(self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         load_state(self, checkpoint)
@@ -570,35 +576,9 @@ class GRPO(HeldOutEvaluation, LightningModule):
                 metric.reset()
 
 
-_LIMITS = {  # option: (whether a value is possible, what it must be)
-    "num_generations": (lambda v: v >= 2, "at least 2 to form a group"),
-    "max_completion_length": (lambda v: v >= 1, "positive"),
-    "temperature": (lambda v: v > 0, "positive"),
-    "top_p": (lambda v: 0 < v <= 1, "in (0, 1] (1: off)"),
-    "num_iterations": (lambda v: v >= 1, "at least 1"),
-    "maj_k": (lambda v: v is None or v >= 2, "at least 2 samples to vote, or null"),
-    "max_skipped_steps": (lambda v: v >= 1, "at least 1"),
-    "max_sampling_rounds": (lambda v: v >= 0, "at least 0"),
-    "lora_r": (lambda v: v >= 0, "at least 0 (0: no LoRA)"),
-    "lora_alpha": (lambda v: v > 0, "positive"),
-    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "top_entropy_quantile": (lambda v: 0 < v <= 1, "in (0, 1] (the top fraction of tokens by entropy; 1: all)"),
-    "off_policy_mask_threshold": (lambda v: v is None or v >= 0, "at least 0 (a mean log-ratio), or null"),
-    "sapo_temperature_neg": (lambda v: v > 0, "positive"),
-    "sapo_temperature_pos": (lambda v: v > 0, "positive"),
-    "vespo_lambda_pos": (lambda v: v >= 0, "at least 0"),
-    "vespo_lambda_neg": (lambda v: v >= 0, "at least 0"),
-}
-
-
 def _check_options(options: dict[str, Any]) -> None:
     """Impossible option values fail when the config is read, before a model loads; each message names its key."""
-    for key, (possible, what) in _LIMITS.items():
-        if not possible(options[key]):
-            raise ConfigError(f"model.{key} must be {what}, got {options[key]}")
-    epsilon, epsilon_high = options["epsilon"], options["epsilon_high"]
-    if epsilon <= 0 or (epsilon_high is not None and epsilon_high <= 0):
-        raise ConfigError(f"model.epsilon and model.epsilon_high must be positive, got {epsilon}, {epsilon_high}")
+    check_ranges(GRPO.__init__, options, "model")  # the ranges declared in the signature
     _check_loss_options(options)
     low, high = options["rollout_importance_sampling_clip_min"], options["rollout_importance_sampling_clip_max"]
     if low is not None and high is not None and low >= high:

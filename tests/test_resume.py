@@ -18,7 +18,7 @@ from lightning import Callback
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from qmath.__main__ import main
-from qmath.checkpointing import AtomicCheckpointIO, CheckpointOnSignal
+from qmath.checkpointing import AtomicCheckpointIO, BackgroundCheckpointIO, CheckpointOnSignal
 from qmath.cli import QMathCLI, resolve_args
 from qmath.data import GSM8K
 from qmath.module import GRPO
@@ -125,10 +125,11 @@ def test_a_signal_saves_last_and_the_resumed_run_repeats_the_uninterrupted_one(t
 
 
 class SlowSecondSave(Callback):
-    """Makes the second checkpoint write stall halfway, leaving time to kill the process during it."""
+    """Makes the second checkpoint write stall halfway, leaving time to kill the process during it; the write runs
+    in the background, as every run's does."""
 
     def setup(self, trainer, pl_module, stage) -> None:
-        trainer.strategy.checkpoint_io = SlowAtomicCheckpointIO()
+        trainer.strategy.checkpoint_io = BackgroundCheckpointIO(SlowAtomicCheckpointIO())
 
 
 class SlowAtomicCheckpointIO(AtomicCheckpointIO):
