@@ -137,18 +137,20 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
 
     def wait(self) -> None:
         """Until the write in flight, if any, is on disk; its error, if it failed, raised here as one line."""
-        pending, self._pending = self._pending, None
-        if pending is None:
+        if self._pending is None:
             return
+        future, path = self._pending
         try:
-            pending[0].result()
+            future.result()  # an interrupt here (Ctrl+C) leaves it pending, for teardown to wait for and report
         except Exception as error:  # torch.save reports a full disk as a RuntimeError of its zip writer
-            path = Path(str(pending[1]))
+            self._pending = None
+            path = Path(str(path))
             free = shutil.disk_usage(path.parent).free / 2**30 if path.parent.is_dir() else float("nan")
             raise CheckpointError(f"writing the checkpoint {path} failed ({type(error).__name__}: {error}); "
                                   f"{free:.1f} GiB free there. The previous checkpoint is whole: free disk space (a "
                                   "save needs the previous file and the new one side by side) and resume with "
                                   "--ckpt_path last") from error
+        self._pending = None
 
     def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         self.wait()
@@ -159,8 +161,15 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
         self.checkpoint_io.remove_checkpoint(*args, **kwargs)
 
     def teardown(self) -> None:
+        # Lightning tears down from inside its handler of the exception that ended the run: a failed write is then
+        # said, not raised in its place
+        handling = sys.exc_info()[1] is not None
         try:
             self.wait()
+        except CheckpointError as error:
+            if not handling:
+                raise
+            rank_zero_info(f"qmath: {error}")
         finally:
             if self._writer is not None:
                 self._writer.shutdown(wait=True)

@@ -113,3 +113,17 @@ def test_slurms_requeue_checkpoint_is_written_before_the_save_returns(tmp_path):
     io_.save_checkpoint(state(1.0), tmp_path / "hpc_ckpt_1.ckpt")
     assert io_._pending is None and torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 1
     io_.teardown()
+
+
+def test_a_failed_write_found_while_an_exception_ends_the_run_is_said_not_raised_in_its_place(tmp_path, caplog):
+    io_ = BackgroundCheckpointIO(GatedIO(fail=True))
+    io_.save_checkpoint(state(1.0), tmp_path / "last.ckpt")
+    io_.checkpoint_io.gate.set()
+    with pytest.raises(ValueError, match="the run's own error"):
+        try:
+            raise ValueError("the run's own error")
+        except ValueError:
+            io_.teardown()  # as Lightning's exception handler calls it
+            raise
+    assert "qmath: writing the checkpoint" in caplog.text
+    assert io_._writer is None  # the writer thread is shut down all the same
