@@ -51,8 +51,9 @@ def enable_activation_checkpointing(model: Any) -> None:
 
 
 def checkpointing_can_keep_cache() -> bool:
-    """Whether a checkpointed layer can be handed a KV cache: transformers >= 5.2x's ``_can_checkpoint_with_cache``
-    switch (private; tests/test_private_apis.py says when it is gone). Before it, a checkpointed layer silently
+    """Whether a checkpointed layer can be handed a KV cache: the ``_can_checkpoint_with_cache`` switch of
+    transformers 5.15 and later (``qmath.versions.PROMPT_SHARING_TRANSFORMERS``; private: tests/test_private_apis.py
+    says when it is gone). Before it, a checkpointed layer silently
     drops the cache it is given, so a completion would lose its prompt; callers then keep the plain path."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
